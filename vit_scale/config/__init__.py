@@ -1,0 +1,14 @@
+from vit_scale.config.loader import ConfigError, from_dict, load_config, save_config, to_dict
+from vit_scale.config.schema import Config
+from vit_scale.config.validate import resolve_batch, validate
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "from_dict",
+    "load_config",
+    "resolve_batch",
+    "save_config",
+    "to_dict",
+    "validate",
+]

@@ -1,0 +1,273 @@
+"""YAML loading with inheritance, `section.key=value` overrides, type checks and validation.
+
+Errors are `ConfigError`s: one line that names the key, where it came from and what to change.
+The command line prints them and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vit_scale.config.schema import Config
+from vit_scale.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config problem the user must fix; its message is the whole story."""
+
+
+CHOICES = {
+    "model.pool": ("token", "avg"),
+    "data.mode": ("exact", "resampled"),
+    "data.labels": ("int", "multi"),
+    "data.augment": ("inception", "center"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.loss": ("auto", "softmax", "sigmoid"),
+    "schedule.decay": ("linear", "cosine", "constant"),
+    "precision.dtype": ("fp32", "bf16", "fp16"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.zero_stage": (0, 1, 2, 3),
+}
+
+
+# ---------------------------------------------------------------- reading YAML with positions
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
+    """The mapping in `path` and, for every dotted key, 'file:line' where it was set."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    where: dict[str, str] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                where[key] = f"{path}:{k.start_mark.line + 1}"
+                walk(v, key + ".")
+
+    walk(node, "")
+    return data, where
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))  # an empty section sets nothing
+        else:
+            out[key] = v
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Flattened values and positions of `path`, after the files it inherits through `base:`."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config inheritance loops: {chain}")
+    data, where = _read_yaml(path)
+    base = data.pop("base", None)
+    values: dict[str, Any] = {}
+    positions: dict[str, str] = {}
+    bases = [base] if isinstance(base, str) else list(base or [])
+    for b in bases:
+        bv, bw = _load_chain((path.parent / b), (*seen, path))
+        values.update(bv)
+        positions.update(bw)
+    flat = _flatten(data)
+    values.update(flat)
+    positions.update({k: where.get(k, str(path)) for k in flat})
+    return values, positions
+
+
+# ---------------------------------------------------------------- types
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls=Config, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key and its type."""
+    out = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_all_keys(tp, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = tp
+    return out
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value: Any, tp) -> Any:
+    """`value` as type `tp`, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise TypeError
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e4 in YAML
+        raise TypeError
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _suggest(key: str, keys) -> str:
+    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+    if not close:  # a right leaf under the wrong section, e.g. "lr" or "train.lr"
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def parse_override(arg: str) -> tuple[str, str]:
+    if "=" not in arg:
+        raise ConfigError(f"command-line override {arg!r} must look like section.key=value")
+    key, raw = arg.split("=", 1)
+    return key.strip(), raw
+
+
+def _parse_cli_value(raw: str, tp) -> Any:
+    if tp is str or tp == (str | None):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        return raw
+
+
+# ---------------------------------------------------------------- building
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    obj = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """The config in `path` (with inherited files) and `overrides`, type-checked.
+
+    Combination checks that need the world size are in `validate`.
+    """
+    cfg = Config()
+    keys = _all_keys()
+    values: dict[str, Any] = {}
+    positions: dict[str, str] = {}
+    if path is not None:
+        values, positions = _load_chain(Path(path))
+    for arg in overrides:
+        key, raw = parse_override(arg)
+        tp = keys.get(key)
+        values[key] = _parse_cli_value(raw, tp) if tp is not None else raw
+        positions[key] = f"command line ({arg})"
+
+    for key, value in values.items():
+        where = positions.get(key, "?")
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r} at {where}{_suggest(key, keys)}")
+        tp = keys[key]
+        try:
+            coerced = _coerce(value, tp)
+        except TypeError:
+            raise ConfigError(
+                f"config key {key} at {where} expects {_type_name(tp)}, got {value!r}"
+            ) from None
+        choices = CHOICES.get(key)
+        if choices is not None and coerced not in choices:
+            raise ConfigError(
+                f"config key {key} at {where} must be one of {', '.join(map(str, choices))}; got {coerced!r}"
+            )
+        _set(cfg, key, coerced)
+
+    if not cfg.run.name:
+        cfg.run.name = Path(path).stem if path is not None else "default"
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / cfg.run.name)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config saved by `save_config` (a run's config.yaml)."""
+    cfg = Config()
+    keys = _all_keys()
+    for key, value in _flatten(d).items():
+        if key in keys:
+            _set(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    from vit_scale.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
