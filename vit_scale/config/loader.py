@@ -177,10 +177,9 @@ def _coerce(value: Any, tp) -> Any:
 
 
 def _suggest(key: str, keys) -> str:
-    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
-    if not close:  # a right leaf under the wrong section, e.g. "lr" or "train.lr"
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]  # a right name under the wrong section
+    close = same_leaf or difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

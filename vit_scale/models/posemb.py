@@ -24,7 +24,8 @@ def resample_pos_embed(
     if old_grid == new_grid:
         return pos_embed
     dim = grid_tokens.shape[-1]
-    grid = grid_tokens.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    compute = torch.promote_types(pos_embed.dtype, torch.float32)  # never interpolate in bf16/fp16
+    grid = grid_tokens.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).to(compute)
     grid = F.interpolate(grid, size=(new_grid, new_grid), mode=mode, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
