@@ -1,0 +1,26 @@
+"""The real SLURM cluster fixture for tests/slurm (see tests/slurm_helpers.py)."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slurm_helpers import SlurmCluster, make_cluster_dir, unavailable_reason  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    root = make_cluster_dir()
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
