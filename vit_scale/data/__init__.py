@@ -1,0 +1,1 @@
+"""Shard writing, shard sources, and the streaming pipeline that feeds training and evaluation."""
