@@ -1,0 +1,1 @@
+"""Transfer: fine-tuning, classification eval, few-shot linear evaluation, VTAB-1k, results tables."""

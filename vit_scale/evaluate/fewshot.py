@@ -1,0 +1,253 @@
+"""Few-shot linear evaluation: the paper's cheap metric (Section 4.1).
+
+Frozen representations of `shots` training images per class are mapped by regularised least
+squares onto {-1, 1}^K targets; the closed form is exact, so there is nothing to tune but the L2
+weight. As in big_vision, features are standardised on the few-shot set and a constant column
+(large, so the bias is barely regularised) is appended.
+
+`vit-scale fewshot WEIGHTS --train SHARDS --test SHARDS [--shots 1,5,10,25] [--seeds 3]` evaluates
+weights from the command line; the training loop calls `fewshot_metrics` on all ranks every
+`eval.fewshot_every_steps` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vit_scale.config.schema import Config, DataConfig
+from vit_scale.errors import UserError
+
+BIAS_CONSTANT = 100.0
+
+
+def linear_fewshot_predict(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, num_classes: int, l2: float
+) -> torch.Tensor:
+    """Predicted classes of x_test under the ridge regression fitted on (x_train, y_train)."""
+    x = x_train.double()
+    mean = x.mean(0, keepdim=True)
+    std = x.std(0, unbiased=False, keepdim=True) + 1e-5
+
+    def prep(f: torch.Tensor) -> torch.Tensor:
+        f = (f.double() - mean) / std
+        return torch.cat([f, torch.full((f.shape[0], 1), BIAS_CONSTANT, dtype=f.dtype)], dim=1)
+
+    x = prep(x)
+    y = 2.0 * torch.nn.functional.one_hot(y_train.long(), num_classes).double() - 1.0
+    n, d = x.shape
+    if n >= d:
+        w = torch.linalg.solve(x.T @ x + l2 * torch.eye(d, dtype=x.dtype), x.T @ y)
+    else:  # few points in many dimensions: the dual form solves an n × n system instead of d × d
+        w = x.T @ torch.linalg.solve(x @ x.T + l2 * torch.eye(n, dtype=x.dtype), y)
+    return (prep(x_test) @ w).argmax(1)
+
+
+def sample_shots(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` examples of every class present (all of a class that has fewer)."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        picks.append(rng.choice(idx, size=min(shots, idx.size), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def fewshot_scores(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    shots: list[int],
+    seeds: int,
+    l2: float,
+    num_classes: int | None = None,
+) -> dict[int, tuple[float, float]]:
+    """{shots: (mean accuracy, std over seeds)} of the few-shot linear probe."""
+    if y_train.ndim != 1:
+        raise UserError("few-shot evaluation needs single-label (data.labels=int) shards")
+    k = num_classes or int(max(y_train.max(), y_test.max())) + 1
+    labels = y_train.numpy()
+    out = {}
+    for n in shots:
+        accs = []
+        for seed in range(seeds):
+            idx = torch.from_numpy(sample_shots(labels, n, seed))
+            pred = linear_fewshot_predict(x_train[idx], y_train[idx], x_test, k, l2)
+            accs.append((pred == y_test).double().mean().item())
+        out[n] = (float(np.mean(accs)), float(np.std(accs)))
+    return out
+
+
+# ---------------------------------------------------------------- representations of a shard set
+
+
+def extract(
+    model: nn.Module,
+    source: str,
+    data_cfg: DataConfig,
+    *,
+    img_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of every sample of `source`, gathered from all ranks."""
+    from vit_scale.data.pipeline import make_loader
+    from vit_scale.evaluate.common import features, gather_rows, to_model_input
+
+    loader = make_loader(
+        source,
+        data_cfg,
+        train=False,
+        img_size=img_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+    )
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(features(model, to_model_input(images.to(device))).float().cpu())
+        labels.append(y.cpu())
+    width = getattr(model, "num_features", 0)
+    x = torch.cat(feats) if feats else torch.zeros(0, width)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    return gather_rows(x), gather_rows(y)
+
+
+def _pairs(train: str, test: str) -> list[tuple[str, str]]:
+    """(train, test) shard sources: `;` separates several datasets, paired in order."""
+    trains = [s.strip() for s in train.split(";") if s.strip()]
+    tests = [s.strip() for s in test.split(";") if s.strip()]
+    if len(trains) != len(tests):
+        raise UserError(
+            f"few-shot needs one test source per train source; got {len(trains)} train and {len(tests)} "
+            "test (separate several with ';')"
+        )
+    return list(zip(trains, tests))
+
+
+def fewshot_metrics(model: nn.Module, cfg: Config, rank: int, world_size: int) -> dict[str, float]:
+    """Few-shot accuracies of the model being trained, `fewshot/<dataset>_<shots>shot`, seed-averaged.
+
+    Called on every rank at once. A ZeRO-3-partitioned module is gathered into an fp32 copy first,
+    so ranks may run different numbers of batches; features are all-gathered, and every rank
+    computes the same numbers.
+    """
+    from vit_scale.evaluate.common import dataset_name, eval_device, plain_copy
+
+    e = cfg.eval
+    device = eval_device()
+    copy = plain_copy(model, cfg.model, device)
+    data_cfg = dataclasses.replace(cfg.data, mode="exact", augment="center")
+    img_size = e.img_size or cfg.model.img_size
+    out: dict[str, float] = {}
+    for train, test in _pairs(e.fewshot_train, e.fewshot_test):
+        kw = dict(img_size=img_size, batch_size=e.batch_size, rank=rank, world_size=world_size, device=device)
+        x_train, y_train = extract(copy, train, data_cfg, **kw)
+        x_test, y_test = extract(copy, test, data_cfg, **kw)
+        scores = fewshot_scores(
+            x_train, y_train, x_test, y_test, e.fewshot_shots, e.fewshot_seeds, e.fewshot_l2
+        )
+        name = dataset_name(train)
+        for shots, (mean, _) in scores.items():
+            out[f"fewshot/{name}_{shots}shot"] = mean
+    del copy
+    return out
+
+
+# ---------------------------------------------------------------- vit-scale fewshot
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vit-scale fewshot",
+        description="Few-shot linear evaluation of frozen representations (regularised least squares).",
+    )
+    parser.add_argument(
+        "weights", help="checkpoint or run dir, export folder, .safetensors, timm state dict or .npz"
+    )
+    parser.add_argument(
+        "--train", required=True, help="shard source the shots are drawn from (';' for several)"
+    )
+    parser.add_argument(
+        "--test", required=True, help="shard source scored (';' for several, paired with --train)"
+    )
+    parser.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="default 1,5,10,25")
+    parser.add_argument("--seeds", type=int, default=3, help="draws of the shots per setting (default 3)")
+    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation (default 1.0)")
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the weights')")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--run-dir", default=None, help="where results.json goes (default runs/fewshot_<weights>)"
+    )
+    args = parser.parse_args(argv)
+
+    from vit_scale.evaluate.common import dataset_name, eval_device
+    from vit_scale.evaluate.results import write_results
+    from vit_scale.models import set_resolution
+    from vit_scale.models.weights import build_pretrained, load_pretrained
+
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    pre = load_pretrained(args.weights)
+    model = build_pretrained(pre)
+    img_size = args.img_size or pre.model.img_size
+    if img_size != pre.model.img_size:
+        try:
+            set_resolution(model, img_size)
+        except ValueError as e:
+            raise UserError(f"--img-size: {e}") from None
+    device = eval_device()
+    model = model.to(device).eval()
+    data_cfg = DataConfig(workers=0, augment="center")
+    rows, details = {}, {}
+    for train, test in _pairs(args.train, args.test):
+        kw = dict(img_size=img_size, batch_size=args.batch_size, rank=0, world_size=1, device=device)
+        x_train, y_train = extract(model, train, data_cfg, **kw)
+        x_test, y_test = extract(model, test, data_cfg, **kw)
+        if not len(x_train) or not len(x_test):
+            raise UserError(f"few-shot sources {train} / {test} hold no samples")
+        name = dataset_name(train)
+        for shots, (mean, std) in fewshot_scores(
+            x_train, y_train, x_test, y_test, args.shots, args.seeds, args.l2
+        ).items():
+            rows[f"{name} {shots}-shot"] = {"top1": mean, "top1_std": std, "n": len(x_test)}
+            print(f"{name:<20} {shots:>3}-shot  {100 * mean:6.2f} ± {100 * std:.2f} %")
+        details[name] = {"train": train, "test": test, "train_samples": len(x_train)}
+    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{Path(args.weights.rstrip('/')).stem}")
+    path = write_results(
+        run_dir,
+        {
+            "kind": "fewshot",
+            "model": Path(args.weights.rstrip("/")).stem,
+            "metric": "top1",
+            "datasets": rows,
+            "details": {
+                "weights": str(args.weights),
+                "seeds": args.seeds,
+                "l2": args.l2,
+                "img_size": img_size,
+                "sources": details,
+            },
+        },
+    )
+    print(f"wrote {path}")
+    return 0
