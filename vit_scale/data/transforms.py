@@ -1,0 +1,143 @@
+"""Decoding and augmentation of one sample, on uint8 tensors, with randomness drawn from a given generator.
+
+Every random choice comes from the `random.Random` the caller passes, seeded per sample, never from the
+global RNGs: the pipeline can then reproduce any sample's augmentation after a resume, and a loader running
+in the main process (workers=0) does not disturb the trainer's own RNG streams.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "gif", "tif", "tiff")
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """uint8 [3, H, W] from encoded bytes; raises ValueError when they are not a decodable image.
+
+    libjpeg-turbo / libpng through torchvision first (several times faster than PIL on ImageNet-sized
+    JPEGs); PIL for what those decoders refuse, such as CMYK JPEGs that a shard builder did not convert.
+    """
+    if not data:
+        raise ValueError("zero-byte image")
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if img.shape[0] == 3:
+            return img
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for broken files: all mean "not an image"
+        raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def inception_crop_box(
+    height: int, width: int, rng: random.Random, area_min: float = 0.05, area_max: float = 1.0
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop covering area_min..area_max of the image with aspect 3/4..4/3.
+
+    torchvision's RandomResizedCrop.get_params, with its draws taken from `rng`; the paper's code uses
+    area 0.05..1 (big_vision `inception_crop`).
+    """
+    area = height * width
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target_area = area * rng.uniform(area_min, area_max)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return top, left, h, w
+    # Fallback: a centre crop at the nearest allowed aspect ratio.
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        h, w = height, round(height * (4 / 3))
+    else:
+        w, h = width, height
+    h, w = min(h, height), min(w, width)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(
+    img: torch.Tensor,
+    size: int,
+    rng: random.Random,
+    *,
+    area_min: float = 0.05,
+    hflip: bool = True,
+    randaugment=None,
+) -> torch.Tensor:
+    """Inception crop to size × size, optional horizontal flip and RandAugment; uint8 in, uint8 out."""
+    _, h, w = img.shape
+    top, left, ch, cw = inception_crop_box(h, w, rng, area_min)
+    out = TF.resize(img[:, top : top + ch, left : left + cw], [size, size], antialias=True)
+    if hflip and rng.random() < 0.5:
+        out = out.flip(-1)
+    if randaugment is not None:
+        out = apply_randaugment(out, randaugment, rng)
+    return out.contiguous()
+
+
+def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` and take the central size × size crop."""
+    _, h, w = img.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = TF.resize(img, [nh, nw], antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return out[:, top : top + size, left : left + size].contiguous()
+
+
+def make_randaugment(spec: str, img_size: int):
+    """timm's RandAugment from a spec such as `rand-m9-mstd0.5`, or None for an empty spec."""
+    if not spec:
+        return None
+    from timm.data import rand_augment_transform
+
+    return rand_augment_transform(
+        spec, {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)}
+    )
+
+
+def apply_randaugment(img: torch.Tensor, ra, rng: random.Random) -> torch.Tensor:
+    """Run timm's RandAugment (which draws from the global `random` module) under a seed taken from rng."""
+    saved = random.getstate()
+    np_saved = np.random.get_state()
+    try:
+        random.seed(rng.getrandbits(64))
+        np.random.seed(rng.getrandbits(32))
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        out = np.asarray(ra(pil).convert("RGB"))
+    finally:
+        random.setstate(saved)
+        np.random.set_state(np_saved)
+    return torch.from_numpy(out.copy()).permute(2, 0, 1)
+
+
+def make_mixup(mixup: float, cutmix: float, num_classes: int, label_smoothing: float = 0.0):
+    """timm's batch Mixup/CutMix for the trainer to apply on the device after normalisation; None when off.
+
+    It runs on float images, so it belongs after the loader (which yields uint8) rather than inside it.
+    """
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
+    )
