@@ -1,0 +1,226 @@
+"""`vit-scale slurm ... --dry-run`: every option lands in the script, and bad options are one-line errors."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import slurm
+from vit_scale.cli import main as cli_main
+from vit_scale.errors import UserError
+
+TINY = """\
+model: {variant: vit_ti16, depth: 2, width: 32, heads: 2, mlp: 64, img_size: 32, patch: 8}
+train: {steps: 10, global_batch: 24}
+data: {workers: 3}
+run: {name: tiny}
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def dry_run(capsys, *argv) -> str:
+    assert slurm.main([argv[0], "--dry-run", *argv[1:]]) == 0
+    return capsys.readouterr().out
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_pretrain_every_option(capsys, config, tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    out = dry_run(
+        capsys,
+        "pretrain",
+        str(config),
+        "train.steps=4",
+        "--run-dir",
+        str(run_dir),
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "2-00:00:00",
+        "--account",
+        "proj1",
+        "--qos",
+        "high",
+        "--constraint",
+        "a100&ib",
+        "--exclude",
+        "gpu[01-03],gpu07",
+        "--mem",
+        "64G",
+        "--signal-seconds",
+        "600",
+        "--cpus-per-task",
+        "6",
+        "--job-name",
+        "vitb",
+    )
+    assert out.startswith("#!/bin/bash\n")
+    assert sbatch_lines(out) == [
+        "--job-name=vitb",
+        "--nodes=3",
+        "--ntasks-per-node=4",
+        "--cpus-per-task=6",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=2-00:00:00",
+        "--account=proj1",
+        "--qos=high",
+        "--constraint=a100&ib",
+        "--exclude=gpu[01-03],gpu07",
+        "--mem=64G",
+        "--signal=USR1@600",
+        "--requeue",
+        "--open-mode=append",
+        f"--chdir={Path.cwd()}",
+        f"--output={run_dir}/slurm/%x-%j.out",
+    ]
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert srun == (
+        f"srun --kill-on-bad-exit=1 {sys.executable} -m vit_scale.cli pretrain {config} "
+        f"train.steps=4 --run-dir {run_dir} &"
+    )
+    assert f'if [ "$rc" -eq {slurm.REQUEUE_EXIT_CODE} ]' in out
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in out
+    assert "{{" not in out
+
+
+def test_cpu_defaults_one_rank_per_node_and_cpus_from_workers(capsys, config):
+    out = dry_run(capsys, "pretrain", str(config), "--nodes", "2", "--gpus-per-node", "0")
+    lines = sbatch_lines(out)
+    assert "--ntasks-per-node=1" in lines
+    assert "--cpus-per-task=4" in lines  # data.workers + 1
+    assert not any(line.startswith(("--gpus", "--partition", "--time", "--account")) for line in lines)
+    assert f"--output={Path.cwd() / 'runs' / 'tiny'}/slurm/%x-%j.out" in lines  # run.dir's default
+
+
+def test_finetune_runs_the_finetune_command(capsys, config):
+    out = dry_run(capsys, "finetune", str(config), "--gpus-per-node", "1")
+    assert f"-m vit_scale.cli finetune {config} --run-dir" in out
+    assert "--signal=USR1@300" in sbatch_lines(out)
+
+
+def test_vtab_array_one_task_per_dataset(capsys, config, tmp_path):
+    out = dry_run(
+        capsys,
+        "vtab",
+        str(config),
+        "--tasks",
+        "dtd,svhn,eurosat",
+        "--run-dir",
+        str(tmp_path / "v"),
+        "--time",
+        "90",
+        "--partition",
+        "p",
+    )
+    lines = sbatch_lines(out)
+    assert "--array=0-2" in lines and "--time=90" in lines and "--partition=p" in lines
+    assert "TASKS=(dtd svhn eurosat)" in out
+    assert f'--task "$task" --run-dir {tmp_path / "v"}/"$task"' in out
+
+
+def test_vtab_defaults_to_all_19(capsys, config):
+    out = dry_run(capsys, "vtab", str(config))
+    assert "--array=0-18" in sbatch_lines(out)
+
+
+def test_shards_array_expands_task_index_in_the_job(capsys, tmp_path):
+    out = dry_run(
+        capsys,
+        "shards",
+        "--array",
+        "4",
+        "--run-dir",
+        str(tmp_path / "s"),
+        "--",
+        "build",
+        "/data/my images",
+        "/data/out",
+        "--part",
+        "{task}/{tasks}",
+    )
+    assert "--array=0-3" in sbatch_lines(out)
+    command = out.strip().splitlines()[-1]
+    # Run the rendered line's arguments through a real shell, as the array task would, with index 2 of 4.
+    shown = subprocess.run(
+        ["bash", "-c", f"task=2; tasks=4; set -- {command.split(' shards ', 1)[1]}; printf '%s|' \"$@\""],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown == "build|/data/my images|/data/out|--part|2/4|"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pretrain", "{cfg}", "--nodes", "2"], "give --gpus-per-node"),
+        (["pretrain", "{cfg}", "--gpus-per-node", "0", "--nodes", "0"], "--nodes must be at least 1"),
+        (["pretrain", "{cfg}", "--gpus-per-node", "-1"], "--gpus-per-node must be 0 or more"),
+        (["pretrain", "{cfg}", "--gpus-per-node", "0", "--time", "1h"], "is not a SLURM time limit"),
+        (
+            ["pretrain", "{cfg}", "--gpus-per-node", "0", "--time", "5"],
+            "is not shorter than --time 5 (300 s)",
+        ),
+        (
+            ["pretrain", "{cfg}", "--gpus-per-node", "0", "--partition", "a b"],
+            "--partition 'a b' has whitespace",
+        ),
+        (["pretrain", "{cfg}", "--gpus-per-node", "0", "model.dept=3"], "unknown config key 'model.dept'"),
+        (["pretrain", "{cfg}", "--gpus-per-node", "0", "--bogus"], "unrecognized arguments: --bogus"),
+        # 5 nodes x 1 rank cannot split a global batch of 24: caught at submission, not in the job.
+        (["pretrain", "{cfg}", "--gpus-per-node", "0", "--nodes", "5"], "× world size 5"),
+        (["vtab", "{cfg}", "--tasks", "dtd,mnist"], "unknown VTAB datasets ['mnist']"),
+        (["shards", "--array", "2", "--run-dir", "x"], "give the `vit-scale shards` arguments after --"),
+        (["shards", "--array", "0", "--run-dir", "x", "--", "build"], "--array must be at least 1"),
+        (["serve", "{cfg}"], "unknown job kind 'serve'"),
+    ],
+)
+def test_bad_options_are_user_errors(config, argv, message):
+    argv = [a.replace("{cfg}", str(config)) for a in argv]
+    with pytest.raises(UserError, match=re.escape(message)):
+        slurm.main([argv[0], "--dry-run", *argv[1:]])
+
+
+def test_cli_turns_errors_into_one_line_and_exit_2(capsys, config):
+    assert (
+        cli_main(["slurm", "pretrain", str(config), "--gpus-per-node", "0", "--time", "1h", "--dry-run"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vit-scale slurm: error: --time '1h'") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 5400),
+        ("90:30", 5430),
+        ("4:00:00", 14400),
+        ("2-00:00:00", 172800),
+        ("1-12", 129600),
+        ("1-0:30", 88200),
+    ],
+)
+def test_time_limit_formats(text, seconds):
+    assert slurm.time_limit_seconds(text) == seconds
+
+
+def test_submit_without_sbatch_says_what_to_do(config, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="sbatch is not on PATH"):
+        slurm.main(["pretrain", str(config), "--gpus-per-node", "0"])
