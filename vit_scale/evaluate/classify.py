@@ -1,0 +1,190 @@
+"""Classification accuracy of weights on a shard set: top-1 and top-5, precision@1 for multi-label.
+
+`vit-scale eval WEIGHTS --data SHARDS [--img-size N]` scores weights that carry their head (a
+fine-tuned checkpoint, an export, timm or .npz weights) and writes results.json + results.md.
+`evaluate` is the same measurement for code that holds a model, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vit_scale.config.schema import DataConfig
+from vit_scale.errors import UserError
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    source: str,
+    data_cfg: DataConfig,
+    *,
+    img_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> dict:
+    """{"top1", "top5", "n"} (or {"prec1", "n"} for multi-hot labels) over every sample of `source`.
+
+    Each rank scores its share; the counts are summed across ranks, so every rank returns the totals.
+    """
+    from vit_scale.data.pipeline import make_loader
+    from vit_scale.evaluate.common import eval_device, to_model_input
+
+    device = device or eval_device()
+    data_cfg = dataclasses.replace(data_cfg, mode="exact", augment="center")
+    loader = make_loader(
+        source,
+        data_cfg,
+        train=False,
+        img_size=img_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+    )
+    head = getattr(model, "num_classes", 0)
+    if loader.num_classes > 0 and head and loader.num_classes > head:
+        raise UserError(
+            f"{source} has {loader.num_classes} classes but the model's head has {head}; "
+            "evaluate weights fine-tuned on this label set"
+        )
+    was_training = model.training
+    model.eval()
+    # [top-1 hits, top-5 hits, samples, multi-label samples]
+    counts = torch.zeros(4, dtype=torch.float64)
+    batches = loader.num_batches if loader.num_batches > 0 else None
+    with _progress(progress, f"eval {Path(source.rstrip('/')).name}", batches) as advance:
+        for images, labels in loader:
+            logits = model(to_model_input(images.to(device))).float().cpu()
+            if labels.ndim == 1:
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                counts[0] += (top[:, 0] == labels).sum()
+                counts[1] += (top == labels[:, None]).any(1).sum()
+            else:  # precision@1: is the highest-scoring class one of the image's labels?
+                counts[0] += (labels.gather(1, logits.argmax(1, keepdim=True)) > 0).sum()
+                counts[3] += len(labels)
+            counts[2] += len(labels)
+            advance()
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        on = eval_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+        summed = counts.to(on)
+        dist.all_reduce(summed)
+        counts = summed.cpu()
+    hits1, hits5, n, multi = (float(c) for c in counts)
+    if n == 0:
+        raise UserError(f"{source} holds no readable samples to evaluate")
+    if multi:
+        return {"prec1": hits1 / n, "n": int(n), "bad_samples": loader.bad_samples}
+    return {"top1": hits1 / n, "top5": hits5 / n, "n": int(n), "bad_samples": loader.bad_samples}
+
+
+class _progress:
+    """A rich progress bar on rank 0 for long passes; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, label: str, total: int | None):
+        from vit_scale.dist import is_rank0
+
+        self.enabled = enabled and is_rank0()
+        self.label, self.total = label, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.stop()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vit-scale eval", description="Top-1/top-5 accuracy (precision@1 for multi-label) of weights."
+    )
+    parser.add_argument(
+        "weights", help="checkpoint or run dir, export folder, .safetensors, timm state dict or .npz"
+    )
+    parser.add_argument(
+        "--data", required=True, help="shard source to score (directory with index.json, ...)"
+    )
+    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the weights')")
+    parser.add_argument(
+        "--interp",
+        choices=("bilinear", "bicubic"),
+        default="bilinear",
+        help="position-embedding interpolation when --img-size differs (default bilinear)",
+    )
+    parser.add_argument("--labels", choices=("int", "multi"), default="int", help="multi: multi-hot labels")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--run-dir", default=None, help="where results.json goes (default runs/eval_<weights>)"
+    )
+    args = parser.parse_args(argv)
+
+    from vit_scale.evaluate.common import dataset_name, eval_device
+    from vit_scale.evaluate.results import write_results
+    from vit_scale.models import set_resolution
+    from vit_scale.models.weights import build_pretrained, load_pretrained
+
+    pre = load_pretrained(args.weights)
+    if not pre.model.num_classes:
+        raise UserError(
+            f"{args.weights} has no classification head; fine-tune it first or use `vit-scale fewshot`"
+        )
+    model = build_pretrained(pre)
+    img_size = args.img_size or pre.model.img_size
+    if img_size != pre.model.img_size:
+        try:
+            set_resolution(model, img_size, args.interp)
+        except ValueError as e:
+            raise UserError(f"--img-size: {e}") from None
+    device = eval_device()
+    model = model.to(device)
+    data_cfg = DataConfig(workers=0, labels=args.labels)
+    metrics = evaluate(
+        model,
+        args.data,
+        data_cfg,
+        img_size=img_size,
+        batch_size=args.batch_size,
+        device=device,
+        progress=True,
+    )
+    name = dataset_name(args.data)
+    label = Path(args.weights.rstrip("/")).stem
+    metric = "prec1" if "prec1" in metrics else "top1"
+    run_dir = Path(args.run_dir or Path("runs") / f"eval_{label}")
+    path = write_results(
+        run_dir,
+        {
+            "kind": "eval",
+            "model": label,
+            "metric": metric,
+            "datasets": {name: metrics},
+            "details": {
+                "weights": str(args.weights),
+                "source": pre.source,
+                "data": args.data,
+                "img_size": img_size,
+            },
+        },
+    )
+    shown = "  ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items() if k in ("top1", "top5", "prec1"))
+    print(f"{name}: {shown} over {metrics['n']} images; wrote {path}")
+    return 0
