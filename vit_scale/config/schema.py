@@ -18,6 +18,7 @@ class ModelConfig:
     representation_size: int | None = None  # pre-logits tanh layer (the paper's IN-21k pretraining)
     dropout: float = 0.0
     drop_path: float = 0.0
+    pos_embed_interp: str = "bilinear"  # fine-tuning at a new resolution: "bilinear" (paper's code) or "bicubic"
     # Reduced-size overrides of the variant's row, for tests and tiny recipes.
     depth: int | None = None
     width: int | None = None
@@ -132,6 +133,7 @@ class EvalConfig:
 @dataclass
 class SweepConfig:
     lr: list[float] = field(default_factory=list)  # learning-rate grid for fine-tuning
+    final_train: str = ""  # training source of the final run after the sweep (train + dev); default data.train
 
 
 @dataclass
