@@ -1,0 +1,455 @@
+"""`vit-scale demo`: the whole system on embedded data, on a laptop-class CPU, with no download.
+
+1. builds the two embedded corpora: FractalDB-style fractals (pretraining) and scikit-learn's digits
+   (transfer), through the same shard writer as real data;
+2. pretrains a small ViT on the fractals on `--nproc` local processes, DeepSpeed ZeRO-2, bf16,
+   activation checkpointing, committing checkpoints as it goes (configs/demo/pretrain_fractals.yaml);
+3. fine-tunes it on the digits at a higher resolution (position embeddings interpolated), and the same
+   architecture from scratch with the same budget (configs/demo/finetune_digits.yaml);
+4. few-shot linear evaluation of the pretrained representation on the digits;
+5. renders the report of all runs;
+6. prints one table: pretrained vs scratch accuracy, few-shot accuracy, images/s and time per stage.
+
+Every stage runs the real `vit-scale` command in its own process, so a stage sees exactly what a user
+typing the command would, and one stage's process group or threads never leak into the next. A command
+that is not installed yet is reported as skipped; a stage that fails is reported with its exit status,
+and the stages that need its output are skipped.
+
+The size knobs (see `vit-scale demo --help`) scale every stage; the defaults fit 15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vit_scale.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+PRETRAIN_CONFIG = CONFIGS / "pretrain_fractals.yaml"
+FINETUNE_CONFIG = CONFIGS / "finetune_digits.yaml"
+
+
+@dataclass
+class Knobs:
+    """The demo's size: every stage's cost follows from these."""
+
+    out: Path = Path("runs/demo")
+    classes: int = 100  # fractal categories
+    per_class: int = 100  # instances per category
+    pretrain_size: int = 24  # pretraining resolution (px)
+    finetune_size: int = 32  # fine-tuning resolution (px): higher, so position embeddings are resampled
+    pretrain_steps: int = 600
+    finetune_steps: int = 300
+    nproc: int = 2  # local processes for pretraining (ZeRO-2 shards optimizer state and gradients over them)
+    workers: int | None = None  # processes for corpus generation (default: all cores)
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str = "pending"  # "done", "cached", "skipped: why", "failed: why"
+    seconds: float | None = None
+    images_per_s: float | None = None
+    result: str = ""
+    path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "cached")
+
+
+@dataclass
+class Demo:
+    knobs: Knobs
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.knobs.out / "data"
+
+    @property
+    def runs(self) -> Path:
+        return self.knobs.out / "runs"
+
+    def stage(self, name: str) -> Stage:
+        s = Stage(name)
+        self.stages.append(s)
+        return s
+
+    def get(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+# ---------------------------------------------------------------- running the real commands
+
+
+def _available(command: str) -> bool:
+    from vit_scale.cli import COMMANDS
+
+    try:
+        return importlib.util.find_spec(COMMANDS[command][0]) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _child_env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # Share the cores between the ranks instead of letting each one spin a thread per core.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    env.setdefault("WANDB_MODE", "offline")  # never reach for the network in a demo
+    return env
+
+
+def _run(stage: Stage, argv: list[str], nproc: int = 1) -> bool:
+    """Run `vit-scale ARGV` in a new process, timing it; False (and the stage marked) when it fails."""
+    command = argv[0]
+    if not _available(command):
+        stage.status = f"skipped: `vit-scale {command}` is not available yet"
+        stage.path = None
+        return False
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "vit_scale.cli", *argv], env=_child_env(nproc))
+    stage.seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        stage.status = f"failed: `vit-scale {' '.join(argv[:1])}` exited with {proc.returncode}"
+        return False
+    stage.status = "done"
+    return True
+
+
+def _needs(stage: Stage, *deps: Stage) -> bool:
+    for dep in deps:
+        if not dep.ok:
+            stage.status = f"skipped: needs {dep.name}"
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _corpus(demo: Demo, stage: Stage, out: Path, recipe: dict, build) -> None:
+    """Build a corpus unless `out` already holds one made with the same recipe (a re-run reuses it)."""
+    index = out / "index.json"
+    if index.exists() and json.loads(index.read_text()).get("generator") == recipe:
+        stage.status = "cached"
+        stage.seconds = 0.0
+    else:
+        start = time.perf_counter()
+        build()
+        stage.seconds = time.perf_counter() - start
+        stage.status = "done"
+    stage.path = out
+
+
+def build_corpora(demo: Demo) -> None:
+    from vit_scale.data import digits, synth
+
+    k = demo.knobs
+    fractals = demo.stage("fractal corpus")
+    n = k.classes * k.per_class
+    # Enough shards that every pretraining rank and loader worker has its own.
+    shard_size = max(1, min(synth.SHARD_SIZE, n // (4 * k.nproc)))
+    recipe = {
+        "corpus": "fractals",
+        "seed": 0,
+        "classes": k.classes,
+        "per_class": k.per_class,
+        "size": k.pretrain_size,
+    }
+    _corpus(
+        demo,
+        fractals,
+        demo.data / "fractals",
+        recipe,
+        lambda: synth.write_fractals(
+            demo.data / "fractals",
+            classes=k.classes,
+            per_class=k.per_class,
+            size=k.pretrain_size,
+            workers=k.workers,
+            shard_size=shard_size,
+        ),
+    )
+    fractals.images_per_s = n / fractals.seconds if fractals.status == "done" and fractals.seconds else None
+    fractals.result = f"{n:,} images, {k.classes} classes, {k.pretrain_size} px"
+
+    digit_stage = demo.stage("digits corpus")
+    recipe = {
+        "corpus": "sklearn.load_digits",
+        "size": k.finetune_size,
+        "split_seed": digits.SPLIT_SEED,
+        "test_per_class": digits.TEST_PER_CLASS,
+    }
+    _corpus(
+        demo,
+        digit_stage,
+        demo.data / "digits" / "test",
+        recipe,
+        lambda: digits.write_digits(demo.data / "digits", size=k.finetune_size),
+    )
+    digit_stage.path = demo.data / "digits"
+    digit_stage.result = f"1,297 train / 500 test, {k.finetune_size} px"
+
+
+def pretrain(demo: Demo) -> None:
+    k = demo.knobs
+    stage = demo.stage("pretrain")
+    if not _needs(stage, demo.get("fractal corpus")):
+        return
+    stage.path = demo.runs / "pretrain"
+    overrides = [
+        f"data.train={demo.data / 'fractals'}",
+        f"model.num_classes={k.classes}",
+        f"model.img_size={k.pretrain_size}",
+        f"train.steps={k.pretrain_steps}",
+        f"checkpoint.every_steps={max(1, k.pretrain_steps // 3)}",
+    ]
+    if _run(
+        stage,
+        ["pretrain", str(PRETRAIN_CONFIG), *overrides, "--run-dir", str(stage.path), "--nproc", str(k.nproc)],
+        nproc=k.nproc,
+    ):
+        stage.images_per_s = _throughput(stage.path)
+        stage.result = _final_loss(stage.path)
+
+
+def finetune(demo: Demo, name: str, pretrained: bool) -> None:
+    """Fine-tune on the digits from the pretrained weights, or from random ones with the same budget."""
+    k = demo.knobs
+    stage = demo.stage(name)
+    pre = demo.get("pretrain")
+    if not _needs(stage, demo.get("digits corpus"), *([pre] if pretrained else [])):
+        return
+    stage.path = demo.runs / name.replace(" ", "_")
+    overrides = [
+        f"data.train={demo.data / 'digits' / 'train'}",
+        f"data.test={demo.data / 'digits' / 'test'}",
+        f"model.img_size={k.finetune_size}",
+        f"train.steps={k.finetune_steps}",
+        f"init={pre.path if pretrained else ''}",
+    ]
+    if _run(stage, ["finetune", str(FINETUNE_CONFIG), *overrides, "--run-dir", str(stage.path)]):
+        stage.images_per_s = _throughput(stage.path)
+        stage.result = _accuracy_text(stage.path)
+
+
+def fewshot(demo: Demo) -> None:
+    stage = demo.stage("few-shot")
+    pre = demo.get("pretrain")
+    if not _needs(stage, demo.get("digits corpus"), pre):
+        return
+    stage.path = demo.runs / "fewshot"
+    digits_dir = demo.data / "digits"
+    argv = [
+        "fewshot",
+        str(pre.path),
+        "--train",
+        str(digits_dir / "train"),
+        "--test",
+        str(digits_dir / "test"),
+        "--shots",
+        "1,5,10,25",
+        "--img-size",
+        str(demo.knobs.finetune_size),
+        "--run-dir",
+        str(stage.path),
+    ]
+    if _run(stage, argv):
+        stage.result = _accuracy_text(stage.path)
+
+
+def report(demo: Demo) -> None:
+    stage = demo.stage("report")
+    runs = [s.path for s in demo.stages if s.path is not None and s.path.is_relative_to(demo.runs) and s.ok]
+    if not runs:
+        stage.status = "skipped: no finished runs"
+        return
+    stage.path = demo.knobs.out / "report"
+    _run(stage, ["report", *map(str, runs), "--out", str(stage.path)])
+
+
+# ---------------------------------------------------------------- reading what the runs wrote
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _throughput(run_dir: Path) -> float | None:
+    """The trainer's own images/s, the mean of its logged values after the first (warm-up) one."""
+    values = [m["images_per_s"] for m in _metrics(run_dir) if m.get("images_per_s") is not None]
+    values = values[1:] or values
+    return sum(values) / len(values) if values else None
+
+
+def _final_loss(run_dir: Path) -> str:
+    losses = [m["loss"] for m in _metrics(run_dir) if "loss" in m]
+    return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+
+
+def _results(run_dir: Path) -> dict[str, dict]:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text())["datasets"] if path.exists() else {}
+
+
+def _accuracy_text(run_dir: Path) -> str:
+    rows = _results(run_dir)
+    return ", ".join(f"{name} {100 * row['top1']:.1f}%" for name, row in rows.items() if "top1" in row)
+
+
+def _top1(stage: Stage) -> float | None:
+    if not stage.ok or stage.path is None:
+        return None
+    rows = _results(stage.path)
+    return next((row["top1"] for row in rows.values() if "top1" in row), None)
+
+
+# ---------------------------------------------------------------- the final table
+
+
+def summary(demo: Demo) -> dict:
+    """Everything the final table shows, also written to OUT/summary.json."""
+    pre, scratch = demo.get("finetune pretrained"), demo.get("finetune scratch")
+    few = demo.get("few-shot")
+    return {
+        "knobs": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(demo.knobs).items()},
+        "digits_top1": {"pretrained": _top1(pre), "scratch": _top1(scratch)},
+        "fewshot_top1": {name: row.get("top1") for name, row in _results(few.path).items()} if few.ok else {},
+        "stages": [
+            {
+                "name": s.name,
+                "status": s.status,
+                "seconds": s.seconds,
+                "images_per_s": s.images_per_s,
+                "result": s.result,
+                "path": str(s.path) if s.path else None,
+            }
+            for s in demo.stages
+        ],
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def print_tables(demo: Demo, data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    headline = Table(title="What pretraining on fractals bought (digits test top-1)")
+    headline.add_column("model")
+    headline.add_column("digits top-1", justify="right")
+    headline.add_row("pretrained on fractals, fine-tuned", _pct(data["digits_top1"]["pretrained"]))
+    headline.add_row("from scratch, same budget", _pct(data["digits_top1"]["scratch"]))
+    for name, top1 in data["fewshot_top1"].items():
+        headline.add_row(f"pretrained, frozen, {name} linear", _pct(top1))
+    console.print(headline)
+
+    stages = Table(title="Stages")
+    for col, justify in (("stage", "left"), ("time", "right"), ("images/s", "right"), ("result", "left")):
+        stages.add_column(col, justify=justify)
+    for st in demo.stages:
+        stages.add_row(
+            st.name,
+            "cached" if st.status == "cached" else "–" if st.seconds is None else f"{st.seconds:.0f} s",
+            "–" if st.images_per_s is None else f"{st.images_per_s:,.0f}",
+            st.result if st.ok and st.result else st.status,
+        )
+    console.print(stages)
+    for st in demo.stages:
+        if st.path is not None:
+            console.print(f"{st.name:<20} {st.path}", highlight=False, soft_wrap=True)
+    console.print(f"{'summary':<20} {demo.knobs.out / 'summary.json'}", highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = Knobs()
+    p = argparse.ArgumentParser(
+        prog="vit-scale demo",
+        description="The whole system on embedded data: fractal corpus, ZeRO-2 pretraining on local "
+        "processes, fine-tuning on digits (pretrained and from scratch), few-shot, report, one table.",
+    )
+    p.add_argument(
+        "--out", type=Path, default=d.out, help=f"where data, runs and report go (default {d.out})"
+    )
+    p.add_argument("--classes", type=int, default=d.classes, help=f"fractal categories (default {d.classes})")
+    p.add_argument(
+        "--per-class", type=int, default=d.per_class, help=f"images per category (default {d.per_class})"
+    )
+    p.add_argument(
+        "--pretrain-size",
+        type=int,
+        default=d.pretrain_size,
+        help=f"pretraining px (default {d.pretrain_size})",
+    )
+    p.add_argument(
+        "--finetune-size",
+        type=int,
+        default=d.finetune_size,
+        help=f"fine-tuning px (default {d.finetune_size})",
+    )
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help=f"default {d.pretrain_steps}")
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=d.finetune_steps,
+        help=f"each fine-tune (default {d.finetune_steps})",
+    )
+    p.add_argument("--nproc", type=int, default=d.nproc, help=f"pretraining processes (default {d.nproc})")
+    p.add_argument(
+        "--workers", type=int, default=None, help="corpus generation processes (default: all cores)"
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    knobs = Knobs(**{k: getattr(args, k) for k in vars(Knobs())})
+    for name in (
+        "classes",
+        "per_class",
+        "pretrain_size",
+        "finetune_size",
+        "pretrain_steps",
+        "finetune_steps",
+        "nproc",
+    ):
+        if getattr(knobs, name) < 1:
+            raise UserError(f"demo: --{name.replace('_', '-')} must be positive, got {getattr(knobs, name)}")
+    if knobs.classes < 2:
+        raise UserError("demo: --classes must be at least 2")
+
+    from vit_scale.io import atomic_write_json
+
+    demo = Demo(knobs)
+    start = time.perf_counter()
+    build_corpora(demo)
+    pretrain(demo)
+    finetune(demo, "finetune pretrained", pretrained=True)
+    finetune(demo, "finetune scratch", pretrained=False)
+    fewshot(demo)
+    report(demo)
+    total = demo.stage("total")
+    total.seconds = time.perf_counter() - start
+    total.status = "done"
+    data = summary(demo)
+    atomic_write_json(knobs.out / "summary.json", data)
+    print_tables(demo, data)
+    return 1 if any(s.status.startswith("failed") for s in demo.stages) else 0
