@@ -35,6 +35,7 @@ from vit_scale.errors import UserError
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
 PRETRAIN_CONFIG = CONFIGS / "pretrain_fractals.yaml"
 FINETUNE_CONFIG = CONFIGS / "finetune_digits.yaml"
+FEWSHOT_SHOTS = (1, 5, 10, 25)
 
 
 @dataclass
@@ -222,12 +223,12 @@ def pretrain(demo: Demo) -> None:
         stage.result = _final_loss(stage.path)
 
 
-def finetune(demo: Demo, name: str, pretrained: bool) -> None:
-    """Fine-tune on the digits from the pretrained weights, or from random ones with the same budget."""
+def finetune(demo: Demo, name: str, weights: str) -> None:
+    """Fine-tune on the digits from the weights of stage `weights`; every other setting is the same."""
     k = demo.knobs
     stage = demo.stage(name)
-    pre = demo.get("pretrain")
-    if not _needs(stage, demo.get("digits corpus"), *([pre] if pretrained else [])):
+    init = demo.get(weights)
+    if not _needs(stage, demo.get("digits corpus"), init):
         return
     stage.path = demo.runs / name.replace(" ", "_")
     overrides = [
@@ -235,29 +236,54 @@ def finetune(demo: Demo, name: str, pretrained: bool) -> None:
         f"data.test={demo.data / 'digits' / 'test'}",
         f"model.img_size={k.finetune_size}",
         f"train.steps={k.finetune_steps}",
-        f"init={pre.path if pretrained else ''}",
+        f"init={init.path}",
     ]
     if _run(stage, ["finetune", str(FINETUNE_CONFIG), *overrides, "--run-dir", str(stage.path)]):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _accuracy_text(stage.path)
 
 
-def fewshot(demo: Demo) -> None:
-    stage = demo.stage("few-shot")
-    pre = demo.get("pretrain")
-    if not _needs(stage, demo.get("digits corpus"), pre):
+def random_init(demo: Demo) -> None:
+    """The demo architecture with random weights, saved so few-shot can show what features pretraining bought."""
+    import torch
+    from safetensors.torch import save
+
+    from vit_scale.config.loader import load_config
+    from vit_scale.io import atomic_write_bytes
+    from vit_scale.models import build_model, model_dims
+
+    k = demo.knobs
+    stage = demo.stage("random init")
+    cfg = load_config(
+        PRETRAIN_CONFIG, [f"model.img_size={k.pretrain_size}", f"model.num_classes={k.classes}"]
+    )
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    stage.path = demo.runs / "random_init"
+    # The head count is not in the shapes: record it where the weight reader looks for it.
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    heads = str(model_dims(cfg.model)["heads"])
+    atomic_write_bytes(stage.path / "model.safetensors", save(tensors, metadata={"heads": heads}))
+    stage.status = "done"
+
+
+def fewshot(demo: Demo, name: str, weights: str) -> None:
+    """Few-shot linear probes on the digits of the frozen representation of `weights` (a stage name)."""
+    stage = demo.stage(name)
+    source = demo.get(weights)
+    if not _needs(stage, demo.get("digits corpus"), source):
         return
-    stage.path = demo.runs / "fewshot"
+    stage.path = demo.runs / name.replace(" ", "_").replace("-", "")
     digits_dir = demo.data / "digits"
     argv = [
         "fewshot",
-        str(pre.path),
+        str(source.path),
         "--train",
         str(digits_dir / "train"),
         "--test",
         str(digits_dir / "test"),
         "--shots",
-        "1,5,10,25",
+        ",".join(map(str, FEWSHOT_SHOTS)),
         "--img-size",
         str(demo.knobs.finetune_size),
         "--run-dir",
@@ -269,7 +295,13 @@ def fewshot(demo: Demo) -> None:
 
 def report(demo: Demo) -> None:
     stage = demo.stage("report")
-    runs = [s.path for s in demo.stages if s.path is not None and s.path.is_relative_to(demo.runs) and s.ok]
+    runs = [
+        s.path
+        for s in demo.stages
+        if s.ok
+        and s.path is not None
+        and any((s.path / f).exists() for f in ("metrics.jsonl", "results.json"))
+    ]
     if not runs:
         stage.status = "skipped: no finished runs"
         return
@@ -309,24 +341,42 @@ def _accuracy_text(run_dir: Path) -> str:
     return ", ".join(f"{name} {100 * row['top1']:.1f}%" for name, row in rows.items() if "top1" in row)
 
 
-def _top1(stage: Stage) -> float | None:
+def _top1_rows(stage: Stage) -> dict[str, float]:
+    """{dataset row: top-1} of a finished transfer stage; empty when it did not finish."""
     if not stage.ok or stage.path is None:
-        return None
-    rows = _results(stage.path)
-    return next((row["top1"] for row in rows.values() if "top1" in row), None)
+        return {}
+    return {name: row["top1"] for name, row in _results(stage.path).items() if "top1" in row}
 
 
 # ---------------------------------------------------------------- the final table
 
 
 def summary(demo: Demo) -> dict:
-    """Everything the final table shows, also written to OUT/summary.json."""
-    pre, scratch = demo.get("finetune pretrained"), demo.get("finetune scratch")
-    few = demo.get("few-shot")
+    """Everything the final table shows, also written to OUT/summary.json.
+
+    `comparison` maps each evaluation to {"pretrained": top-1, "baseline": top-1}: fine-tuning is compared
+    with the same architecture trained from scratch for the same steps, the frozen few-shot probes with
+    the same architecture at random initialisation.
+    """
+    k = demo.knobs
+    ft_pre = _top1_rows(demo.get("finetune pretrained"))
+    ft_scratch = _top1_rows(demo.get("finetune scratch"))
+    few_pre = _top1_rows(demo.get("few-shot pretrained"))
+    few_rand = _top1_rows(demo.get("few-shot random init"))
+    comparison = {
+        f"fine-tuned {k.finetune_steps} steps": {
+            "pretrained": next(iter(ft_pre.values()), None),
+            "baseline": next(iter(ft_scratch.values()), None),
+        }
+    }
+    for row in dict.fromkeys([*few_pre, *few_rand]):
+        comparison[f"frozen, {row.split(' ', 1)[-1]} linear"] = {
+            "pretrained": few_pre.get(row),
+            "baseline": few_rand.get(row),
+        }
     return {
-        "knobs": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(demo.knobs).items()},
-        "digits_top1": {"pretrained": _top1(pre), "scratch": _top1(scratch)},
-        "fewshot_top1": {name: row.get("top1") for name, row in _results(few.path).items()} if few.ok else {},
+        "knobs": {name: (str(v) if isinstance(v, Path) else v) for name, v in vars(k).items()},
+        "digits_top1": comparison,
         "stages": [
             {
                 "name": s.name,
@@ -350,13 +400,14 @@ def print_tables(demo: Demo, data: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    headline = Table(title="What pretraining on fractals bought (digits test top-1)")
-    headline.add_column("model")
-    headline.add_column("digits top-1", justify="right")
-    headline.add_row("pretrained on fractals, fine-tuned", _pct(data["digits_top1"]["pretrained"]))
-    headline.add_row("from scratch, same budget", _pct(data["digits_top1"]["scratch"]))
-    for name, top1 in data["fewshot_top1"].items():
-        headline.add_row(f"pretrained, frozen, {name} linear", _pct(top1))
+    headline = Table(title="Digits test top-1: what pretraining on fractals bought")
+    headline.add_column("evaluation")
+    headline.add_column("pretrained", justify="right")
+    headline.add_column("baseline", justify="right")
+    headline.add_column("baseline is")
+    for name, pair in data["digits_top1"].items():
+        kind = "from scratch, same steps" if name.startswith("fine-tuned") else "random init, frozen"
+        headline.add_row(name, _pct(pair["pretrained"]), _pct(pair["baseline"]), kind)
     console.print(headline)
 
     stages = Table(title="Stages")
@@ -442,9 +493,11 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     build_corpora(demo)
     pretrain(demo)
-    finetune(demo, "finetune pretrained", pretrained=True)
-    finetune(demo, "finetune scratch", pretrained=False)
-    fewshot(demo)
+    random_init(demo)
+    finetune(demo, "finetune pretrained", "pretrain")
+    finetune(demo, "finetune scratch", "random init")
+    fewshot(demo, "few-shot pretrained", "pretrain")
+    fewshot(demo, "few-shot random init", "random init")
     report(demo)
     total = demo.stage("total")
     total.seconds = time.perf_counter() - start
