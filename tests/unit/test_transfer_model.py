@@ -1,0 +1,74 @@
+"""The model a fine-tune starts from: new zero head, interpolated position embeddings, body intact."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transfer_helpers import official_npz_arrays  # noqa: E402
+
+from vit_scale.config import ConfigError, load_config  # noqa: E402
+from vit_scale.evaluate.finetune import build_transfer_model, check_finetune_config  # noqa: E402
+from vit_scale.models import build_model, model_dims  # noqa: E402
+from vit_scale.models.weights import load_pretrained  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "cifar100_vit_b16.yaml"
+
+
+@pytest.fixture
+def npz(tmp_path):
+    path = tmp_path / "w.npz"
+    np.savez(path, **official_npz_arrays(np.random.default_rng(0), img=32, classes=9, rep=16))
+    return path
+
+
+def test_zero_head_predicts_uniformly_at_step_0(npz):
+    cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=48"])
+    model, _ = build_transfer_model(cfg)
+    assert cfg.model.num_classes == 100 and cfg.model.representation_size is None
+    assert model.head.weight.shape == (100, 32)  # pre-logits dropped: the head reads the width-32 token
+    with torch.no_grad():
+        probs = model.eval()(torch.randn(4, 3, 48, 48)).softmax(-1)
+    assert torch.equal(probs, torch.full_like(probs, 1 / 100))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_position_embeddings_equal_originals_at_original_size(npz, interp):
+    source = load_pretrained(npz)
+    cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=32", f"model.pos_embed_interp={interp}"])
+    model, _ = build_transfer_model(cfg)
+    assert torch.equal(model.pos_embed.detach(), source.state_dict["pos_embed"])
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(v, source.state_dict[k]) for k, v in body.items())
+
+
+def test_saved_config_rebuilds_the_finetuned_model(npz):
+    cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=64", "model.pos_embed_interp=bicubic"])
+    model, _ = build_transfer_model(cfg)
+    assert (model_dims(cfg.model)["width"], cfg.model.img_size) == (32, 64)
+    rebuilt = build_model(cfg.model)
+    rebuilt.load_state_dict(model.state_dict())  # strict: every shape agrees
+    assert model.pos_embed.shape == (1, 1 + 64, 32)
+
+
+def test_bad_finetune_configs_name_the_setting(tmp_path, npz):
+    from transfer_helpers import write_class_shards
+
+    data = write_class_shards(tmp_path / "d", num_classes=3, per_class=1)
+    cases = [
+        ([], "init=PATH"),
+        ([f"init={npz}"], "data.train"),
+        ([f"init={npz}", f"data.train={data}", "model.pos_embed_interp=nearest"], "pos_embed_interp"),
+        ([f"init={npz}", f"data.train={data}", "sweep.lr=[]"], "set model.num_classes=3"),
+        ([f"init={npz}", f"data.train={data}", "model.num_classes=3", "sweep.lr=[0.01]"], "data.val"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            check_finetune_config(load_config(RECIPE, overrides))
+    cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=36"])
+    with pytest.raises(ConfigError, match="model.img_size=36"):
+        build_transfer_model(cfg)
