@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -125,3 +128,43 @@ def test_shard_images_decode_at_the_requested_size(tmp_path):
     for data in jpegs:
         image = Image.open(io.BytesIO(data))
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (40, 40))
+
+
+def _vit_scale(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vit_scale.cli", *argv], capture_output=True, text=True, env=env
+    )
+
+
+def test_command_line_builds_shards_that_verify(tmp_path):
+    out = tmp_path / "fractals"
+    built = _vit_scale(
+        "shards",
+        "synth",
+        "fractals",
+        "--classes",
+        "3",
+        "--per-class",
+        "2",
+        "--size",
+        "32",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+    )
+    assert built.returncode == 0, built.stderr
+    assert json.loads((out / "index.json").read_text())["num_samples"] == 6
+    checked = _vit_scale("shards", "verify", str(out))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "6 samples" in checked.stdout
+
+    bad = _vit_scale(
+        "shards", "synth", "fractals", "--classes", "1", "--per-class", "2", "--out", str(tmp_path / "x")
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "vit-scale shards: error: fractals: need --classes >= 2, --per-class >= 1 and --size >= 16 (got 1, 2, 64)"
+    ]
