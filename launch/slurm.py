@@ -1,13 +1,16 @@
-"""`vit-scale slurm`: render an sbatch script from a template in slurm/ and a config, then submit it.
+"""`vit-scale slurm`: render sbatch scripts from the templates in slurm/ and a config, then submit them.
 
     vit-scale slurm pretrain CONFIG [key=value ...] --nodes N --gpus-per-node G [--partition P] [--time T]
-                    [--account A] [--qos Q] [--constraint C] [--exclude NODES] [--dry-run]
-    vit-scale slurm finetune CONFIG ...                 (same options)
-    vit-scale slurm shards --array N [options] -- ARGS  (a job array; each task runs `vit-scale shards ARGS`)
-    vit-scale slurm vtab CONFIG [--tasks a,b,...] ...   (a job array, one task per VTAB dataset)
+                    [--account A] [--qos Q] [--constraint C] [--exclude NODES] [--mem M] [--dry-run]
+    vit-scale slurm finetune CONFIG [key=value ...] ...      (the same options)
+    vit-scale slurm shards SOURCE --out DIR --array N ... [-- BUILD OPTIONS]
+                    a job array: task I runs `vit-scale shards build SOURCE --out DIR --array-index I
+                    --array-count N`; a follow-up job then runs `vit-scale shards merge-index DIR`
+    vit-scale slurm vtab CONFIG [key=value ...] [--tasks a,b,...] ...
+                    a job array, one task per VTAB-1k dataset; a follow-up job writes the table
 
-`--dry-run` prints the script; otherwise it is written to RUN_DIR/slurm/ and submitted with sbatch.
-The ranks inside the job find their place through launch/env.py (SLURM_* -> RANK, WORLD_SIZE, ...).
+`--dry-run` prints the scripts; otherwise they are written to RUN_DIR/slurm/ and submitted with sbatch.
+Inside the job, launch/env.py turns SLURM_* into RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 """
 
 from __future__ import annotations
@@ -18,37 +21,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from vit_scale.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
 KINDS = ("pretrain", "finetune", "shards", "vtab")
-# The exit code a rank uses after committing a checkpoint on SIGUSR1/SIGTERM or before the time limit.
-# It mirrors vit_scale.train's constant (checked by tests/unit/test_slurm_render.py) so rendering needs no torch.
-REQUEUE_EXIT_CODE = 75
-# VTAB-1k's 19 datasets (natural, specialized, structured), the array tasks of `vit-scale slurm vtab`.
-VTAB_TASKS = (
-    "caltech101",
-    "cifar100",
-    "dtd",
-    "oxford_flowers102",
-    "oxford_iiit_pet",
-    "sun397",
-    "svhn",
-    "patch_camelyon",
-    "eurosat",
-    "resisc45",
-    "diabetic_retinopathy",
-    "clevr_count",
-    "clevr_dist",
-    "dmlab",
-    "kitti_dist",
-    "dsprites_loc",
-    "dsprites_ori",
-    "smallnorb_azi",
-    "smallnorb_elev",
-)
 
 # SLURM's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]].
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -57,9 +36,18 @@ _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _SAFE = re.compile(r"^[^\s'\"\\]+$")
 
 
+@dataclass
+class Job:
+    """One script to submit; `after` makes it wait for the previous job of the plan ('afterok', ...)."""
+
+    name: str  # file stem under RUN_DIR/slurm/
+    script: str
+    after: str = ""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(f"{message} (see `vit-scale slurm {self.prog.split()[-1]} --help`)")
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def time_limit_seconds(text: str) -> int:
@@ -84,8 +72,18 @@ def _safe(option: str, value: str) -> str:
     return value
 
 
-def _common_options(p: argparse.ArgumentParser, array: bool) -> None:
-    if not array:
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"vit-scale slurm {kind}", description=__doc__.split("\n\n")[0])
+    if kind == "shards":
+        p.add_argument("source", help="image corpus, as for `vit-scale shards build`")
+        p.add_argument("--out", required=True, help="shard directory; the parts go to OUT/part-*/")
+        p.add_argument("--array", type=int, required=True, help="number of array tasks (parts)")
+        p.add_argument("build_args", nargs="*", help="after --: more `vit-scale shards build` options")
+    else:
+        p.add_argument("config", help="recipe YAML")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, passed on to the job")
+        p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
+    if kind in ("pretrain", "finetune"):
         p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
         p.add_argument(
             "--gpus-per-node",
@@ -93,8 +91,16 @@ def _common_options(p: argparse.ArgumentParser, array: bool) -> None:
             default=None,
             help="GPUs per node, one rank each; 0 for CPU-only nodes (one rank per node)",
         )
+        p.add_argument(
+            "--signal-seconds",
+            type=int,
+            default=300,
+            help="SIGUSR1 this many seconds before the time limit, to checkpoint (default 300)",
+        )
     else:
         p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per array task (default 0)")
+    if kind == "vtab":
+        p.add_argument("--tasks", help="comma-separated VTAB-1k datasets (default: all 19)")
     p.add_argument(
         "--cpus-per-task",
         type=int,
@@ -109,36 +115,9 @@ def _common_options(p: argparse.ArgumentParser, array: bool) -> None:
     p.add_argument("--exclude", help="nodes to avoid, e.g. gpu[01-03],gpu07")
     p.add_argument("--mem", help="memory per node, e.g. 64G")
     p.add_argument("--job-name", help="job name (default: the run name)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
-
-
-def build_parser(kind: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"vit-scale slurm {kind}", description=__doc__.split("\n\n")[0])
-    if kind in ("pretrain", "finetune", "vtab"):
-        p.add_argument("config", help="recipe YAML")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides, passed on to the job")
-        p.add_argument("--run-dir", help="run directory (default: the config's run.dir)")
-    if kind in ("pretrain", "finetune"):
-        _common_options(p, array=False)
-        p.add_argument(
-            "--signal-seconds",
-            type=int,
-            default=300,
-            help="SIGUSR1 this many seconds before the time limit, to checkpoint (default 300)",
-        )
-    elif kind == "vtab":
-        _common_options(p, array=True)
-        p.add_argument("--tasks", help="comma-separated VTAB datasets (default: all 19)")
-    else:
-        _common_options(p, array=True)
-        p.add_argument("--array", type=int, required=True, help="number of array tasks")
-        p.add_argument("--run-dir", required=True, help="directory for the job's script and logs")
-        p.add_argument(
-            "args",
-            nargs=argparse.REMAINDER,
-            help="after --: the `vit-scale shards` arguments; {task} and {tasks} become the "
-            "array index and the task count",
-        )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch scripts instead of submitting them"
+    )
     return p
 
 
@@ -151,21 +130,35 @@ def render_template(name: str, values: dict[str, object]) -> str:
 
 
 def _resources(args, gpus: int) -> str:
-    lines = []
-    if gpus:
-        lines.append(f"--gpus-per-node={gpus}")
+    lines = [f"--gpus-per-node={gpus}"] if gpus else []
     for option in ("partition", "time", "account", "qos", "constraint", "exclude", "mem"):
         value = getattr(args, option)
         if value:
             lines.append(f"--{option}={_safe('--' + option, value)}")
-    return "\n".join(f"#SBATCH {line}" for line in lines) or "# (no partition, time limit or account given)"
+    return (
+        "\n".join(f"#SBATCH {line}" for line in lines)
+        or "# (no GPUs, partition, time limit or account given)"
+    )
 
 
-def _python() -> str:
-    return shlex.quote(sys.executable)
+def _vit_scale(*args: str) -> str:
+    """The command line that runs `vit-scale ARGS` with this very interpreter (the user's environment)."""
+    return " ".join([shlex.quote(sys.executable), "-m", "vit_scale.cli", *args])
 
 
-def _config(args, world_size: int | None):
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))
+
+
+def _cpus(args, workers: int) -> int:
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else workers + 1
+    if cpus < 1:
+        raise UserError(f"--cpus-per-task must be at least 1, got {cpus}")
+    return cpus
+
+
+def _config(args, world_size: int):
+    """The config as the job will load it, validated for the job's world size before anything is queued."""
     from vit_scale.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
@@ -173,24 +166,17 @@ def _config(args, world_size: int | None):
     return cfg
 
 
-def _cpus(args, cfg) -> int:
-    cpus = args.cpus_per_task if args.cpus_per_task is not None else (cfg.data.workers + 1 if cfg else 1)
-    if cpus < 1:
-        raise UserError(f"--cpus-per-task must be at least 1, got {cpus}")
-    return cpus
+def plan(kind: str, args) -> tuple[list[Job], Path]:
+    """The scripts to submit, in order, and the directory whose slurm/ folder holds them and the logs."""
+    from vit_scale.train.preempt import REQUEUE_EXIT_CODE
 
-
-def render(kind: str, args) -> tuple[str, Path]:
-    """The sbatch script for `kind` and the run directory it writes into."""
     gpus = args.gpus_per_node
     if gpus is None:
         raise UserError(f"give --gpus-per-node (0 for CPU-only nodes) to `vit-scale slurm {kind}`")
     if gpus < 0:
         raise UserError(f"--gpus-per-node must be 0 or more, got {gpus}")
     seconds = time_limit_seconds(args.time) if args.time else None
-    common = dict(
-        workdir=shlex.quote(str(Path.cwd())), resources=_resources(args, gpus), requeue_code=REQUEUE_EXIT_CODE
-    )
+    common = dict(workdir=_q(Path.cwd()), resources=_resources(args, gpus))
 
     if kind in ("pretrain", "finetune"):
         if args.nodes < 1:
@@ -200,111 +186,133 @@ def render(kind: str, args) -> tuple[str, Path]:
         if seconds is not None and args.signal_seconds >= seconds:
             raise UserError(
                 f"--signal-seconds {args.signal_seconds} is not shorter than --time {args.time} ({seconds} s): "
-                "the job would be signalled before it starts; lower --signal-seconds or raise --time"
+                "the job would be told to stop as it starts; lower --signal-seconds or raise --time"
             )
         tasks_per_node = max(gpus, 1)
         cfg = _config(args, args.nodes * tasks_per_node)
         run_dir = Path(args.run_dir or cfg.run.dir).resolve()
-        command = [
-            _python(),
-            "-m",
-            "vit_scale.cli",
-            kind,
-            shlex.quote(str(Path(args.config).resolve())),
-            *map(shlex.quote, args.overrides),
-            "--run-dir",
-            shlex.quote(str(run_dir)),
-        ]
-        return render_template(
+        command = _vit_scale(
+            kind, _q(Path(args.config).resolve()), *map(shlex.quote, args.overrides), "--run-dir", _q(run_dir)
+        )
+        script = render_template(
             kind,
             dict(
                 common,
                 job_name=_safe("--job-name", args.job_name or cfg.run.name),
                 nodes=args.nodes,
                 tasks_per_node=tasks_per_node,
-                cpus_per_task=_cpus(args, cfg),
+                cpus_per_task=_cpus(args, cfg.data.workers),
                 signal_seconds=args.signal_seconds,
-                run_dir=shlex.quote(str(run_dir)),
-                command=" ".join(command),
+                requeue_code=REQUEUE_EXIT_CODE,
+                run_dir=_q(run_dir),
+                command=command,
             ),
-        ), run_dir
+        )
+        return [Job(kind, script)], run_dir
 
     if kind == "vtab":
-        known = VTAB_TASKS
-        tasks = [t for t in args.tasks.split(",") if t] if args.tasks else list(known)
-        unknown = [t for t in tasks if t not in known]
+        from vit_scale.evaluate.vtab import TASKS
+
+        tasks = [t for t in args.tasks.split(",") if t] if args.tasks else list(TASKS)
+        unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
-            raise UserError(f"--tasks names unknown VTAB datasets {unknown}; known: {', '.join(known)}")
+            raise UserError(f"--tasks names unknown VTAB-1k datasets {unknown}; known: {', '.join(TASKS)}")
         cfg = _config(args, max(gpus, 1))
         run_dir = Path(args.run_dir or cfg.run.dir).resolve()
-        command = [
-            _python(),
-            "-m",
-            "vit_scale.cli",
-            "vtab",
-            shlex.quote(str(Path(args.config).resolve())),
-            *map(shlex.quote, args.overrides),
-            "--task",
-            '"$task"',
-            "--run-dir",
-            shlex.quote(str(run_dir)) + '/"$task"',
-        ]
-        return render_template(
+        name = _safe("--job-name", args.job_name or f"{cfg.run.name}-vtab")
+        recipe = [_q(Path(args.config).resolve()), *map(shlex.quote, args.overrides)]
+        array = render_template(
             "vtab",
             dict(
                 common,
-                job_name=_safe("--job-name", args.job_name or f"{cfg.run.name}-vtab"),
+                job_name=name,
                 tasks_per_node=max(gpus, 1),
-                cpus_per_task=_cpus(args, cfg),
-                run_dir=shlex.quote(str(run_dir)),
+                cpus_per_task=_cpus(args, cfg.data.workers),
+                run_dir=_q(run_dir),
                 array_size=len(tasks),
                 array_last=len(tasks) - 1,
                 tasks=" ".join(tasks),
-                command=" ".join(command),
+                command=_vit_scale(
+                    "vtab", *recipe, "--task", '"$task"', "--run-dir", f'{_q(run_dir)}/"$task"'
+                ),
             ),
-        ), run_dir
+        )
+        collect = render_template(
+            "collect",
+            dict(
+                common,
+                job_name=f"{name}-table",
+                log_dir=f"{_q(run_dir)}/slurm",
+                what="the VTAB-1k table",
+                command=_vit_scale("vtab", *recipe, "--collect", "--run-dir", _q(run_dir)),
+            ),
+        )
+        # afterany: a table of the tasks that finished is still worth having when one task failed.
+        return [Job("vtab", array), Job("vtab_table", collect, after="afterany")], run_dir
 
     if args.array < 1:
         raise UserError(f"--array must be at least 1, got {args.array}")
-    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
-    if not rest:
-        raise UserError(
-            "give the `vit-scale shards` arguments after --, e.g. -- build SRC OUT --part {task}/{tasks}"
-        )
-    run_dir = Path(args.run_dir).resolve()
-    # Quote each argument for the shell but let {task}/{tasks} expand inside the job.
-    quoted = [
-        shlex.quote(a).replace("{task}", "'\"$task\"'").replace("{tasks}", "'\"$tasks\"'") for a in rest
-    ]
-    command = [_python(), "-m", "vit_scale.cli", "shards", *quoted]
-    return render_template(
+    out = Path(args.out).resolve()
+    name = _safe("--job-name", args.job_name or f"shards-{out.name}")
+    build = _vit_scale(
+        "shards",
+        "build",
+        shlex.quote(args.source),
+        "--out",
+        _q(out),
+        "--array-index",
+        '"$SLURM_ARRAY_TASK_ID"',
+        "--array-count",
+        str(args.array),
+        "--no-progress",
+        *map(shlex.quote, args.build_args),
+    )
+    array = render_template(
         "shards",
         dict(
             common,
-            job_name=_safe("--job-name", args.job_name or "shards"),
-            cpus_per_task=_cpus(args, None),
-            run_dir=shlex.quote(str(run_dir)),
+            job_name=name,
+            cpus_per_task=_cpus(args, 0),
+            out=_q(out),
+            log_dir=f"{_q(out)}/slurm",
             array_size=args.array,
             array_last=args.array - 1,
-            command=" ".join(command),
+            command=build,
         ),
-    ), run_dir
+    )
+    merge = render_template(
+        "collect",
+        dict(
+            common,
+            job_name=f"{name}-merge",
+            log_dir=f"{_q(out)}/slurm",
+            what=f"the part indexes into {out}/index.json",
+            command=_vit_scale("shards", "merge-index", _q(out)),
+        ),
+    )
+    return [Job("shards", array), Job("shards_merge", merge, after="afterok")], out
 
 
-def submit(script: str, run_dir: Path, kind: str) -> int:
-    """Write the script into RUN_DIR/slurm/ and submit it; the job id."""
+def submit(jobs: list[Job], run_dir: Path) -> list[int]:
+    """Write each script into RUN_DIR/slurm/ and submit it, chaining dependencies; the job ids."""
     from vit_scale.io import atomic_write_text
 
     if shutil.which("sbatch") is None:
         raise UserError(
             "sbatch is not on PATH: run this on a SLURM login node, or add --dry-run to see the script"
         )
-    path = run_dir / "slurm" / f"{kind}.sbatch"
-    atomic_write_text(path, script)  # also creates RUN_DIR/slurm, where the job's log goes
-    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=120)
-    if out.returncode:
-        raise UserError(f"sbatch refused {path}: {out.stderr.strip() or out.stdout.strip()}")
-    return int(out.stdout.strip().split(";")[0])
+    ids: list[int] = []
+    for job in jobs:
+        path = run_dir / "slurm" / f"{job.name}.sbatch"
+        atomic_write_text(path, job.script)  # also creates RUN_DIR/slurm, where the job's log goes
+        cmd = ["sbatch", "--parsable"]
+        if job.after:
+            cmd.append(f"--dependency={job.after}:{ids[-1]}")
+        out = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            raise UserError(f"sbatch refused {path}: {out.stderr.strip() or out.stdout.strip()}")
+        ids.append(int(out.stdout.strip().split(";")[0]))
+    return ids
 
 
 def main(argv: list[str]) -> int:
@@ -314,17 +322,17 @@ def main(argv: list[str]) -> int:
     kind, rest = argv[0], argv[1:]
     if kind not in KINDS:
         raise UserError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
-    parser = build_parser(kind)
-    args = parser.parse_args(rest) if kind == "shards" else parser.parse_intermixed_args(rest)
-    script, run_dir = render(kind, args)
+    args = build_parser(kind).parse_intermixed_args(rest)
+    jobs, run_dir = plan(kind, args)
     if args.dry_run:
-        print(script, end="")
+        print("\n".join(job.script for job in jobs), end="")
         return 0
-    job_id = submit(script, run_dir, kind)
-    log = run_dir / "slurm" / (f"*-{job_id}.out" if kind in ("pretrain", "finetune") else f"*-{job_id}_*.out")
-    print(
-        f"submitted job {job_id}\nrun directory: {run_dir}\n"
-        f"follow it:     squeue -j {job_id}; tail -f {log}\n"
-        f"report:        vit-scale report {run_dir}"
-    )
+    ids = submit(jobs, run_dir)
+    logs = run_dir / "slurm"
+    lines = [f"submitted job {ids[0]}" + "".join(f" (then job {i})" for i in ids[1:])]
+    lines.append(f"run directory: {run_dir}")
+    lines.append(f"follow it:     squeue -j {','.join(map(str, ids))}; tail -f {logs}/*-{ids[0]}*.out")
+    if kind in ("pretrain", "finetune"):
+        lines.append(f"report:        vit-scale report {run_dir}")
+    print("\n".join(lines))
     return 0

@@ -10,6 +10,7 @@ import pytest
 from launch import slurm
 from vit_scale.cli import main as cli_main
 from vit_scale.errors import UserError
+from vit_scale.train.preempt import REQUEUE_EXIT_CODE
 
 TINY = """\
 model: {variant: vit_ti16, depth: 2, width: 32, heads: 2, mlp: 64, img_size: 32, patch: 8}
@@ -94,7 +95,7 @@ def test_pretrain_every_option(capsys, config, tmp_path):
         f"srun --kill-on-bad-exit=1 {sys.executable} -m vit_scale.cli pretrain {config} "
         f"train.steps=4 --run-dir {run_dir} &"
     )
-    assert f'if [ "$rc" -eq {slurm.REQUEUE_EXIT_CODE} ]' in out
+    assert f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]' in out
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out
     assert "{{" not in out
 
@@ -114,11 +115,12 @@ def test_finetune_runs_the_finetune_command(capsys, config):
     assert "--signal=USR1@300" in sbatch_lines(out)
 
 
-def test_vtab_array_one_task_per_dataset(capsys, config, tmp_path):
+def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path):
     out = dry_run(
         capsys,
         "vtab",
         str(config),
+        "init=/w/vit.pt",
         "--tasks",
         "dtd,svhn,eurosat",
         "--run-dir",
@@ -128,10 +130,15 @@ def test_vtab_array_one_task_per_dataset(capsys, config, tmp_path):
         "--partition",
         "p",
     )
-    lines = sbatch_lines(out)
+    array, table = out.split("#!/bin/bash\n")[1:]
+    lines = sbatch_lines(array)
     assert "--array=0-2" in lines and "--time=90" in lines and "--partition=p" in lines
-    assert "TASKS=(dtd svhn eurosat)" in out
-    assert f'--task "$task" --run-dir {tmp_path / "v"}/"$task"' in out
+    assert "TASKS=(dtd svhn eurosat)" in array
+    assert array.strip().endswith(
+        f'vtab {config} init=/w/vit.pt --task "$task" --run-dir {tmp_path / "v"}/"$task"'
+    )
+    assert "--partition=p" in sbatch_lines(table)
+    assert table.strip().endswith(f"vtab {config} init=/w/vit.pt --collect --run-dir {tmp_path / 'v'}")
 
 
 def test_vtab_defaults_to_all_19(capsys, config):
@@ -139,31 +146,49 @@ def test_vtab_defaults_to_all_19(capsys, config):
     assert "--array=0-18" in sbatch_lines(out)
 
 
-def test_shards_array_expands_task_index_in_the_job(capsys, tmp_path):
+def test_shards_array_builds_parts_then_merges(capsys, tmp_path):
+    out_dir = tmp_path / "shards"
     out = dry_run(
         capsys,
         "shards",
+        "/data/my images",
+        "--out",
+        str(out_dir),
         "--array",
         "4",
-        "--run-dir",
-        str(tmp_path / "s"),
+        "--mem",
+        "8G",
         "--",
-        "build",
-        "/data/my images",
-        "/data/out",
-        "--part",
-        "{task}/{tasks}",
+        "--format",
+        "imagefolder",
+        "--max-side",
+        "384",
     )
-    assert "--array=0-3" in sbatch_lines(out)
-    command = out.strip().splitlines()[-1]
-    # Run the rendered line's arguments through a real shell, as the array task would, with index 2 of 4.
+    array, merge = out.split("#!/bin/bash\n")[1:]
+    assert sbatch_lines(array)[-4:] == [
+        "--array=0-3",
+        "--requeue",
+        f"--chdir={Path.cwd()}",
+        f"--output={out_dir}/slurm/%x-%A_%a.out",
+    ]
+    assert "--mem=8G" in sbatch_lines(array) and "--mem=8G" in sbatch_lines(merge)
+    command = array.strip().splitlines()[-1]
+    # The arguments as the array task's shell sees them, for task 2.
     shown = subprocess.run(
-        ["bash", "-c", f"task=2; tasks=4; set -- {command.split(' shards ', 1)[1]}; printf '%s|' \"$@\""],
+        [
+            "bash",
+            "-c",
+            f"SLURM_ARRAY_TASK_ID=2; set -- {command.split(' shards ', 1)[1]}; printf '%s|' \"$@\"",
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert shown == "build|/data/my images|/data/out|--part|2/4|"
+    assert shown == (
+        f"build|/data/my images|--out|{out_dir}|--array-index|2|--array-count|4|--no-progress|"
+        "--format|imagefolder|--max-side|384|"
+    )
+    assert merge.strip().endswith(f"-m vit_scale.cli shards merge-index {out_dir}")
 
 
 @pytest.mark.parametrize(
@@ -185,9 +210,9 @@ def test_shards_array_expands_task_index_in_the_job(capsys, tmp_path):
         (["pretrain", "{cfg}", "--gpus-per-node", "0", "--bogus"], "unrecognized arguments: --bogus"),
         # 5 nodes x 1 rank cannot split a global batch of 24: caught at submission, not in the job.
         (["pretrain", "{cfg}", "--gpus-per-node", "0", "--nodes", "5"], "× world size 5"),
-        (["vtab", "{cfg}", "--tasks", "dtd,mnist"], "unknown VTAB datasets ['mnist']"),
-        (["shards", "--array", "2", "--run-dir", "x"], "give the `vit-scale shards` arguments after --"),
-        (["shards", "--array", "0", "--run-dir", "x", "--", "build"], "--array must be at least 1"),
+        (["vtab", "{cfg}", "--tasks", "dtd,mnist"], "unknown VTAB-1k datasets ['mnist']"),
+        (["shards", "src", "--array", "2"], "the following arguments are required: --out"),
+        (["shards", "src", "--out", "o", "--array", "0"], "--array must be at least 1"),
         (["serve", "{cfg}"], "unknown job kind 'serve'"),
     ],
 )
