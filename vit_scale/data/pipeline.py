@@ -106,6 +106,8 @@ def resolve_shards(spec: str) -> ShardSet:
     if not spec:
         raise UserError("no shard source given; set data.train / data.val to a shard directory or pattern")
     path = Path(spec)
+    if not _is_remote(spec) and "{" not in spec and not path.exists():
+        raise UserError(f"shard source {spec} does not exist; build it with `vit-scale shards build`")
     if not _is_remote(spec) and "{" not in spec and path.is_dir():
         index = read_index(path)
         names = [s["name"] for s in index["shards"]]
