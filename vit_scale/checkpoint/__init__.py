@@ -1,0 +1,1 @@
+"""Checkpoints: the commit protocol around DeepSpeed's sharded save, resume selection, retention, export."""

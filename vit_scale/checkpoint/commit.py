@@ -1,0 +1,293 @@
+"""Checkpoints that never tear: DeepSpeed's sharded save under our own commit protocol.
+
+    checkpoints/step_000000020/   DeepSpeed's files + rank_00000.pt ... (each rank's data position and RNGs)
+                  manifest.json   sizes and sha256 of every file, counters, world size, ZeRO stage
+                  COMMITTED       written last, after every rank finished and the manifest is on disk
+    checkpoints/latest            name of the newest committed step, replaced atomically
+
+A directory without COMMITTED, or whose files disagree with its manifest, is never loaded. DeepSpeed's
+own `latest` file is not written: it appears before all ranks finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vit_scale.dist import barrier, is_rank0, rank, world_size
+from vit_scale.errors import UserError
+from vit_scale.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+
+COMMITTED = "COMMITTED"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+# Fault injection for the kill-at-every-write-point test: VIT_SCALE_CRASH_AT=<point>[@<step>] SIGKILLs
+# this process there. The points, in write order:
+CRASH_POINTS = ("after_engine_save", "after_rank_files", "after_manifest", "after_committed", "after_latest")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used as asked; the message says which and what to do."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def rank_file_name(r: int) -> str:
+    return f"rank_{r:05d}.pt"
+
+
+def _crash_point(name: str, step: int) -> None:
+    want = os.environ.get("VIT_SCALE_CRASH_AT", "")
+    point, _, at = want.partition("@")
+    if point == name and (not at or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _all_finite(engine) -> bool:
+    """True when every rank's weights (its ZeRO-3 partition, or the full module) are finite."""
+    ok = True
+    for p in engine.module.parameters():
+        t = getattr(p, "ds_tensor", p)
+        if t.numel() and not torch.isfinite(t).all():
+            ok = False
+            break
+    flag = torch.tensor([0.0 if ok else 1.0], device=next(engine.module.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_files(ckpt: Path) -> dict:
+    return {
+        str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, COMMITTED) and not p.name.startswith(".")
+    }
+
+
+def save(
+    engine,
+    run_dir: Path,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict,
+    *,
+    config: dict,
+    keep_last: int = 3,
+    keep_every: int = 0,
+) -> Path:
+    """Write, commit and publish checkpoint `step`; every rank calls this. Returns its directory."""
+    root = Path(run_dir) / "checkpoints"
+    tag = step_dir_name(step)
+    ckpt = root / tag
+    if not _all_finite(engine):
+        raise CheckpointError(f"weights are not finite at step {step}; refusing to write {ckpt}")
+    if is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        if ckpt.exists():  # a torn earlier attempt at this step, or one superseded after a resume
+            shutil.rmtree(ckpt)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+    _crash_point("after_engine_save", step)
+    buf = io.BytesIO()
+    torch.save(dict(rank_state, rank=rank(), world_size=world_size()), buf)
+    atomic_write_bytes(ckpt / rank_file_name(rank()), buf.getvalue())
+    _crash_point("after_rank_files", step)
+    barrier()
+    if is_rank0():
+        manifest = {
+            "step": step,
+            "world_size": world_size(),
+            "zero_stage": engine.zero_optimization_stage(),
+            "trainer": trainer_state,
+            "config": config,  # a checkpoint directory describes itself, even copied away from its run
+            "time": time.time(),
+            "files": _manifest_files(ckpt),
+        }
+        atomic_write_json(ckpt / MANIFEST, manifest)
+        _crash_point("after_manifest", step)
+        atomic_write_text(ckpt / COMMITTED, f"{step}\n")
+        _crash_point("after_committed", step)
+        atomic_write_text(root / LATEST, tag + "\n")
+        _crash_point("after_latest", step)
+        prune(root, keep_last, keep_every)
+    barrier()
+    return ckpt
+
+
+def prune(root: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Remove old checkpoints once a newer one is committed: keep the last `keep_last` committed ones, every
+    `keep_every`-th step for good, and nothing torn that is older than the newest committed one."""
+    committed = committed_dirs(root)
+    if not committed:
+        return []
+    keep = set(committed[-max(1, keep_last) :])
+    if keep_every > 0:
+        keep |= {d for d in committed if _step_of(d) % keep_every == 0}
+    newest = _step_of(committed[-1])
+    removed = []
+    for d in _step_dirs(root):
+        if d in keep or _step_of(d) > newest:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+# ---------------------------------------------------------------- finding and verifying
+
+
+def _step_of(d: Path) -> int:
+    return int(STEP_DIR.match(d.name).group(1))
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if d.is_dir() and STEP_DIR.match(d.name)), key=_step_of)
+
+
+def committed_dirs(root: Path) -> list[Path]:
+    return [d for d in _step_dirs(root) if (d / COMMITTED).is_file()]
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when `ckpt` is committed and matches its manifest; otherwise why not."""
+    if not (ckpt / COMMITTED).is_file():
+        return f"{ckpt} has no {COMMITTED} marker (its save did not finish)"
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"{ckpt}: unreadable {MANIFEST} ({e})"
+    for name, want in manifest["files"].items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{ckpt}: {name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{ckpt}: {name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{ckpt}: {name} does not match its sha256 in the manifest"
+    return None
+
+
+def read_manifest(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / MANIFEST).read_text())
+
+
+@dataclass
+class Selection:
+    path: Path | None
+    notes: list[str]  # why newer directories were passed over
+
+
+def select(path: Path) -> Selection:
+    """The newest usable checkpoint under `path`: a run directory, its checkpoints/ folder, or one
+    checkpoint directory. Unusable ones are passed over with a note, falling back to older ones."""
+    path = Path(path)
+    if STEP_DIR.match(path.name):
+        why = verify(path)
+        if why is not None:
+            raise CheckpointError(f"cannot use checkpoint: {why}")
+        return Selection(path, [])
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    notes = []
+    for d in reversed(_step_dirs(root)):
+        why = verify(d)
+        if why is None:
+            return Selection(d, notes)
+        notes.append(f"skipping {why}; falling back to an older checkpoint")
+    return Selection(None, notes)
+
+
+def select_everywhere(path: Path) -> Selection:
+    """`select` on rank 0, the answer broadcast, so every rank loads the same directory."""
+    box = [select(path) if is_rank0() else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def check_world_size(ckpt: Path, manifest: dict, now: int) -> None:
+    saved = manifest["world_size"]
+    if saved == now:
+        return
+    raise CheckpointError(
+        f"{ckpt} was written by {saved} processes but {now} are running now. Its ZeRO stage-"
+        f"{manifest['zero_stage']} optimizer shards and per-rank data positions belong to {saved} ranks, so "
+        f"loading them here would mis-shard the state. Options: resume with {saved} processes "
+        f"(--nproc {saved} or the same SLURM layout); or start a new run from its weights with "
+        f"`vit-scale export {ckpt} --out DIR` and init=DIR (optimizer state and data position start afresh); "
+        f"or convert it with DeepSpeed's universal checkpoint tool (python -m deepspeed.checkpoint.ds_to_universal) "
+        f"and load that through DeepSpeed yourself"
+    )
+
+
+def load(engine, ckpt: Path, *, load_optimizer: bool = True) -> tuple[dict, dict]:
+    """Restore `ckpt` into `engine`; returns (trainer state, this rank's own state)."""
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    check_world_size(ckpt, manifest, world_size())
+    path, client = engine.load_checkpoint(
+        str(ckpt.parent),
+        tag=ckpt.name,
+        load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=load_optimizer,
+    )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+    own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
+    return client["trainer"], own

@@ -1,0 +1,1 @@
+"""Observability: training metrics (throughput, MFU), metrics.jsonl, wandb, reports."""

@@ -1,0 +1,388 @@
+"""THE training loop, used by `pretrain` and `finetune` alike.
+
+Reads top to bottom: build (data, model, engine), resume, then a fixed number of `train_step`s with
+logging, checkpoints and preemption at step boundaries. Every rank runs the same number of steps, and
+every decision that must be the same on every rank (skip, checkpoint now, stop) is one all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vit_scale.checkpoint import commit
+from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
+from vit_scale.dist import is_rank0, on_rank0, rank, world_size
+from vit_scale.errors import UserError
+from vit_scale.models import build_model, model_dims, train_flops
+from vit_scale.observe import metrics
+from vit_scale.train.engine import build_engine, device, init_distributed
+from vit_scale.train.preempt import Preempted, PreemptionWatch
+
+
+class TrainingHalted(UserError):
+    """Too many consecutive non-finite steps: the run cannot make progress as configured."""
+
+
+@dataclass
+class Counters:
+    """What the loop itself adds to a checkpoint (DeepSpeed saves model, optimizer and schedule)."""
+
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    wandb_id: str | None = None
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def total_steps(cfg: Config, num_samples: int) -> int:
+    """The run length in optimizer steps, converted once from epochs or examples when given so."""
+    t = cfg.train
+    if t.steps is not None:
+        return t.steps
+    if t.examples is not None:
+        return math.ceil(t.examples / t.global_batch)
+    if t.epochs is not None:
+        if num_samples <= 0:
+            raise ConfigError(
+                f"train.epochs={t.epochs} needs the sample count from {cfg.data.train}/index.json; "
+                "give train.steps or train.examples instead"
+            )
+        return math.ceil(t.epochs * num_samples / t.global_batch)
+    raise ConfigError("give the run length: train.steps, train.epochs or train.examples")
+
+
+def loss_function(cfg: Config):
+    kind = cfg.optim.loss
+    if kind == "auto":
+        kind = "sigmoid" if cfg.data.labels == "multi" else "softmax"
+    if kind == "sigmoid":
+        # Summed over classes, averaged over images: the multi-label (JFT-style) pretraining loss.
+        return lambda logits, y: (
+            F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none").sum(-1).mean()
+        )
+    smoothing = cfg.optim.label_smoothing
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [0, 255] -> [-1, 1] on the device (mean = std = 0.5, as the paper's code)."""
+    return (images.float() / 127.5 - 1.0).to(dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def agree(*flags: bool) -> list[bool]:
+    """Each flag true on any rank becomes true on every rank (one all-reduce for all of them)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def model_dtype(cfg: Config) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
+
+
+def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
+    """Forward, backward and optimizer step over one step's micro batches; returns the mean local loss.
+
+    DeepSpeed accumulates gradients until the last micro batch and then steps, or skips the update on
+    every rank alike when any gradient is non-finite (read back with `engine.was_step_applied()`).
+    """
+    losses = []
+    for images, labels in batches:
+        images = images.to(engine.device, non_blocking=True)
+        labels = labels.to(engine.device, non_blocking=True)
+        logits = engine(normalize(images, dtype))
+        loss = loss_fn(logits.float(), labels)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = None) -> dict:
+    """Train `model` (by default a new one from cfg.model) on cfg.data.train; returns the final figures."""
+    from vit_scale.data.pipeline import make_loader
+
+    run_dir = Path(run_dir)
+    init_distributed(cfg)
+    r, world = rank(), world_size()
+    validate(cfg, world)
+    micro, accum = resolve_batch(cfg.train, world)
+
+    # ---- data
+    loader = make_loader(
+        cfg.data.train,
+        cfg.data,
+        train=True,
+        img_size=cfg.model.img_size,
+        batch_size=micro,
+        rank=r,
+        world_size=world,
+        seed=cfg.train.seed,
+    )
+    steps = total_steps(cfg, loader.num_samples)
+    multi = cfg.data.labels == "multi"
+    if multi and loader.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"{cfg.data.train} has {loader.num_classes} classes but model.num_classes={cfg.model.num_classes};"
+            f" set model.num_classes={loader.num_classes}"
+        )
+    if not multi and loader.num_classes > cfg.model.num_classes:
+        raise ConfigError(
+            f"{cfg.data.train} has {loader.num_classes} classes but model.num_classes={cfg.model.num_classes}"
+            f" is smaller; set model.num_classes={loader.num_classes}"
+        )
+
+    # ---- model and engine (the same initial weights on every rank)
+    seed_everything(cfg.train.seed)
+    if model is None:
+        model = build_model(cfg.model)
+    model.to(device())
+    engine, _, _ = build_engine(cfg, model, world, steps)
+    seed_everything(cfg.train.seed * 1000 + r + 1)  # dropout / drop path differ between ranks
+
+    # ---- resume
+    counters = Counters()
+    source = Path(cfg.resume) if cfg.resume else run_dir
+    chosen = commit.select_everywhere(source)
+    for note in chosen.notes:
+        on_rank0(print, f"vit-scale: {note}", file=sys.stderr)
+    if cfg.resume and chosen.path is None:
+        raise UserError(f"resume={cfg.resume}: no committed checkpoint there")
+    if chosen.path is not None:
+        saved, own = commit.load(engine, chosen.path)
+        counters = Counters(**saved)
+        loader.load_state_dict(own["data"])
+        commit.set_rng_state(own["rng"])
+        on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
+
+    # ---- logging
+    log = None
+    if is_rank0():
+        log = metrics.MetricsLog(
+            run_dir,
+            to_dict(cfg),
+            wandb_setting=cfg.logging.wandb,
+            project=cfg.logging.project,
+            entity=cfg.logging.entity,
+            run_name=cfg.run.name,
+            run_id=counters.wandb_id,
+            job_id=os.environ.get("VIT_SCALE_JOB_ID"),
+            resume_step=counters.step,
+        )
+        counters.wandb_id = log.run_id
+    flops_per_image = train_flops(
+        model_dims(cfg.model), cfg.model.img_size, cfg.model.num_classes, cfg.model.pool != "avg"
+    )
+    peak = metrics.peak_tflops(cfg.logging.peak_tflops)
+    fewshot = _fewshot_hook(cfg)
+
+    def save(reason: str) -> float:
+        t0 = time.perf_counter()
+        commit.save(
+            engine,
+            run_dir,
+            counters.step,
+            asdict(counters),
+            {"rng": commit.rng_state(), "data": loader.state_dict()},
+            config=to_dict(cfg),
+            keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every,
+        )
+        seconds = time.perf_counter() - t0
+        if log is not None:
+            log.log({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
+        return seconds
+
+    # ---- steps
+    loss_fn = loss_function(cfg)
+    dtype = model_dtype(cfg)
+    watch = PreemptionWatch()
+    data_iter = iter(loader)
+    window = Window()
+    last_save_time, last_save_s, last_saved_step = time.monotonic(), 0.0, counters.step
+    step_s = 0.0
+    progress = _progress(cfg, steps, counters.step)
+    engine.train()
+    try:
+        while counters.step < steps:
+            t0 = time.perf_counter()
+            batches = [next(data_iter) for _ in range(accum)]
+            t_data = time.perf_counter() - t0
+            lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
+            loss = train_step(engine, batches, loss_fn, dtype)
+            applied = engine.was_step_applied()
+            counters.step += 1
+            counters.samples += cfg.train.global_batch
+            counters.skipped_steps += not applied
+            counters.consecutive_skips = 0 if applied else counters.consecutive_skips + 1
+            window.add(loss, time.perf_counter() - t0, t_data, lr)
+            if counters.consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise TrainingHalted(
+                    f"{counters.consecutive_skips} consecutive steps had non-finite loss or gradients (up to "
+                    f"step {counters.step}); nothing was updated or checkpointed since. Lower optim.lr, raise "
+                    "schedule.warmup_steps, or use precision.dtype=fp32 / bf16 instead of fp16"
+                )
+
+            if counters.step % cfg.logging.every_steps == 0 or counters.step == steps:
+                record = window.record(counters, engine, loader.num_samples, world, flops_per_image, peak)
+                step_s = record.pop("_step_s")
+                if log is not None:
+                    log.log(record)
+            if fewshot is not None and counters.step % cfg.eval.fewshot_every_steps == 0:
+                extra = fewshot(engine.module, cfg, r, world)
+                if log is not None:
+                    log.log({"step": counters.step, **extra})
+            if progress is not None:
+                progress.update(counters.step)
+
+            every = cfg.checkpoint.every_steps
+            due = every > 0 and counters.step % every == 0 and counters.step < steps
+            to_next = (every - counters.step % every) * step_s if every > 0 else float("inf")
+            minutes = cfg.checkpoint.every_minutes
+            if minutes > 0:
+                to_next = min(to_next, last_save_time + 60 * minutes - time.monotonic())
+            timed, stop = agree(
+                minutes > 0 and time.monotonic() - last_save_time >= 60 * minutes,
+                watch.stop_requested(to_next + step_s + last_save_s),
+            )
+            if stop:
+                if counters.step > last_saved_step:
+                    save("preempt")
+                raise Preempted(f"stopped at step {counters.step} for requeue: {watch.reason or 'requested'}")
+            if (due or timed) and counters.step < steps:
+                last_save_s = save("interval")
+                last_save_time, last_saved_step = time.monotonic(), counters.step
+        if cfg.checkpoint.save_final and counters.step > last_saved_step:
+            save("final")
+    finally:
+        watch.restore()
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+    return {
+        "step": counters.step,
+        "samples": counters.samples,
+        "skipped_steps": counters.skipped_steps,
+        "loss": window.last_loss,
+        "images_per_s": window.last_images_per_s,
+        "bad_samples": loader.bad_samples,
+        "run_dir": str(run_dir),
+    }
+
+
+class Window:
+    """Per-step figures since the last logging step; losses stay on the device until they are logged."""
+
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.data_seconds = 0.0
+        self.last_loss: float | None = None
+        self.last_images_per_s: float | None = None
+        self.lr = 0.0
+
+    def add(self, loss: torch.Tensor, seconds: float, data_seconds: float, lr: float) -> None:
+        self.losses.append(loss)
+        self.lr = lr
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+
+    def record(
+        self, c: Counters, engine, num_samples: int, world: int, flops_per_image: float, peak: float | None
+    ) -> dict:
+        steps = len(self.losses)
+        local = torch.stack(self.losses).float()
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+            local /= world
+        finite = [v for v in local.tolist() if math.isfinite(v)]
+        loss = sum(finite) / len(finite) if finite else None
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
+        images = steps * engine.train_batch_size()
+        rec = {
+            "step": c.step,
+            "epoch": c.samples / num_samples if num_samples > 0 else None,
+            "samples": c.samples,
+            "loss": loss,
+            "lr": self.lr,
+            "grad_norm": grad_norm,
+            "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)),
+            "skipped_steps": c.skipped_steps,
+            **metrics.throughput(images, self.seconds, self.data_seconds, world, flops_per_image, peak),
+            "peak_mem_gb": metrics.peak_memory_gb(),
+            "_step_s": self.seconds / steps,
+        }
+        self.last_loss, self.last_images_per_s = loss, rec["images_per_s"]
+        self.losses, self.seconds, self.data_seconds = [], 0.0, 0.0
+        return rec
+
+
+def _fewshot_hook(cfg: Config):
+    if cfg.eval.fewshot_every_steps <= 0:
+        return None
+    try:
+        from vit_scale.evaluate.fewshot import fewshot_metrics
+    except ImportError:
+        on_rank0(
+            print,
+            "vit-scale: few-shot evaluation is not available in this install; skipping it",
+            file=sys.stderr,
+        )
+        return None
+    return fewshot_metrics
+
+
+class _Progress:
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self._p = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._p.start()
+        self._task = self._p.add_task("train", total=total, completed=done)
+
+    def update(self, step: int) -> None:
+        self._p.update(self._task, completed=step)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _progress(cfg: Config, total: int, done: int) -> _Progress | None:
+    """A progress line on rank 0 of interactive runs; batch jobs read metrics.jsonl instead."""
+    if not (cfg.logging.progress and is_rank0() and sys.stderr.isatty()):
+        return None
+    return _Progress(total, done)
