@@ -1,1 +1,11 @@
 """Checkpoints: the commit protocol around DeepSpeed's sharded save, resume selection, retention, export."""
+
+
+def load_consolidated_state_dict(ckpt_path):
+    """fp32 timm-layout weights and Config of a committed checkpoint; see `export.load_consolidated_state_dict`."""
+    from vit_scale.checkpoint.export import load_consolidated_state_dict as load
+
+    return load(ckpt_path)
+
+
+__all__ = ["load_consolidated_state_dict"]
