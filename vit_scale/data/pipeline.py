@@ -374,11 +374,13 @@ class _WorkerStreams(IterableDataset):
             img = eval_transform(img, self.img_size)
         return img, label
 
-    def _collate(self, imgs, labels):
-        images = torch.stack(imgs)
-        if self.multi:
-            return images, torch.stack(labels)
-        return images, torch.tensor(labels, dtype=torch.int64)
+    def _new_batch(self, in_worker: bool) -> torch.Tensor:
+        images = torch.empty((self.batch_size, 3, self.img_size, self.img_size), dtype=torch.uint8)
+        # Written in place in shared memory, a worker's batch crosses to the main process without a copy.
+        return images.share_memory_() if in_worker else images
+
+    def _labels(self, labels) -> torch.Tensor:
+        return torch.stack(labels) if self.multi else torch.tensor(labels, dtype=torch.int64)
 
     def __iter__(self):
         info = get_worker_info()
@@ -390,7 +392,7 @@ class _WorkerStreams(IterableDataset):
         window_bad = 0
         limit = self.cfg.max_bad_fraction * window.maxlen
         ra = make_randaugment(self.cfg.randaugment, self.img_size) if self.train else None
-        imgs, labels = [], []
+        images, labels = self._new_batch(info is not None), []
         for sample in self._raw(logical, position):
             try:
                 img, label = self._decode(sample, position, p, ra)
@@ -413,13 +415,13 @@ class _WorkerStreams(IterableDataset):
                     )
                     return
                 continue
-            imgs.append(img)
+            images[len(labels)].copy_(img)
             labels.append(label)
-            if len(imgs) == self.batch_size:
-                yield (*self._collate(imgs, labels), logical, position, bad)
-                imgs, labels = [], []
-        if imgs:
-            yield (*self._collate(imgs, labels), logical, position, bad)
+            if len(labels) == self.batch_size:
+                yield images, self._labels(labels), logical, position, bad
+                images, labels = self._new_batch(info is not None), []
+        if labels:
+            yield images[: len(labels)], self._labels(labels), logical, position, bad
 
 
 # ---- the loader the trainer holds -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -29,7 +30,11 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     if not data:
         raise ValueError("zero-byte image")
     try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they remain the fastest
+            # JPEG path installed here, and PIL below covers their removal.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         if img.shape[0] == 3:
             return img
     except (RuntimeError, ValueError):
@@ -82,15 +87,24 @@ def train_transform(
     hflip: bool = True,
     randaugment=None,
 ) -> torch.Tensor:
-    """Inception crop to size × size, optional horizontal flip and RandAugment; uint8 in, uint8 out."""
+    """Inception crop to size × size, optional horizontal flip and RandAugment; uint8 in, uint8 out.
+
+    The result may be channels-last in memory; the pipeline copies it into its batch tensor anyway.
+    """
     _, h, w = img.shape
     top, left, ch, cw = inception_crop_box(h, w, rng, area_min)
-    out = TF.resize(img[:, top : top + ch, left : left + cw], [size, size], antialias=True)
+    out = _resize(img[:, top : top + ch, left : left + cw], size, size)
     if hflip and rng.random() < 0.5:
         out = out.flip(-1)
     if randaugment is not None:
         out = apply_randaugment(out, randaugment, rng)
-    return out.contiguous()
+    return out
+
+
+def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    # torch's antialiased uint8 kernel is vectorised for channels-last input: about 1.5x faster than CHW.
+    batch = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return TF.resize(batch, [h, w], antialias=True)[0]
 
 
 def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -98,9 +112,9 @@ def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
     _, h, w = img.shape
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    out = TF.resize(img, [nh, nw], antialias=True)
+    out = _resize(img, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return out[:, top : top + size, left : left + size].contiguous()
+    return out[:, top : top + size, left : left + size]
 
 
 def make_randaugment(spec: str, img_size: int):
