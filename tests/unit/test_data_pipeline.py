@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,3 +249,32 @@ def test_refusals(tmp_path, corpus):
         make_loader(str(broken), cfg, **kw)
     with pytest.raises(UserError, match="do not exist"):
         make_loader(str(corpus / "shard-{000000..000020}.tar"), cfg, **kw)
+
+
+def test_randaugment_is_reproducible_and_resumable(corpus):
+    cfg = DataConfig(workers=0, shuffle_buffer=1, randaugment="rand-m9-mstd0.5")
+    kw = dict(train=True, img_size=IMG, batch_size=BATCH, seed=2)
+    full = take(make_loader(str(corpus), cfg, **kw), 4)
+    plain = take(make_loader(str(corpus), DataConfig(workers=0, shuffle_buffer=1), **kw), 4)
+    assert labels_of(full) == labels_of(plain)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, plain)), "RandAugment changed nothing"
+    first = make_loader(str(corpus), cfg, **kw)
+    head = take(first, 1)
+    resumed = make_loader(str(corpus), cfg, **kw)
+    resumed.load_state_dict(first.state_dict())
+    for (xa, _), (xb, _) in zip(head + take(resumed, 3), full):
+        assert torch.equal(xa, xb)
+
+
+def test_mixup_helper_mixes_a_batch_into_soft_targets(corpus):
+    from vit_scale.data.transforms import make_mixup
+
+    assert make_mixup(0.0, 0.0, 10) is None
+    mix = make_mixup(0.8, 1.0, N)
+    x, y = take(
+        make_loader(str(corpus), DataConfig(workers=0), train=True, img_size=IMG, batch_size=BATCH), 1
+    )[0]
+    np.random.seed(0)  # timm draws lambda and the mixup/cutmix switch from numpy's global RNG
+    mixed, target = mix(x.float(), y)
+    assert target.shape == (BATCH, N) and torch.allclose(target.sum(1), torch.ones(BATCH))
+    assert (target > 0).sum(1).max() == 2  # each row blends its own label with its partner's
