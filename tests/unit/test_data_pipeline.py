@@ -278,3 +278,17 @@ def test_mixup_helper_mixes_a_batch_into_soft_targets(corpus):
     mixed, target = mix(x.float(), y)
     assert target.shape == (BATCH, N) and torch.allclose(target.sum(1), torch.ones(BATCH))
     assert (target > 0).sum(1).max() == 2  # each row blends its own label with its partner's
+
+
+def test_a_shard_truncated_after_startup_counts_as_bad_not_fatal(tmp_path, corpus):
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)
+    data = (copy / "shard-000003.tar").read_bytes()
+    (copy / "shard-000003.tar").write_bytes(data[: len(data) // 2])
+    cfg = DataConfig(workers=0, max_bad_fraction=0.5, bad_window=100)
+    # Without an index the pipeline cannot know how many samples were lost: the break counts once.
+    pipe = f"pipe:cat {copy}/shard-{{000000..000011}}.tar"
+    loader = make_loader(pipe, cfg, train=False, img_size=IMG, batch_size=8)
+    got = labels_of(loader)
+    assert 88 < len(got) < N and loader.bad_samples == 1
+    assert set(got) >= set(range(24)) | set(range(32, N))

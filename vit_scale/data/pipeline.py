@@ -201,6 +201,8 @@ def read_shard(url: str, expected: int | None) -> Iterator[dict | None]:
             stream.close()
     except Exception:  # a broken shard must not end the run: its unread samples are counted bad
         current = None
+        if expected is None:
+            expected = produced + 1  # how many were lost is unknown: count the break itself once
     if current is not None and (expected is None or produced < expected):
         yield current
         produced += 1
@@ -365,7 +367,7 @@ class _WorkerStreams(IterableDataset):
             raise ValueError("no image member")
         label = self._label(sample)
         img = decode_rgb(sample[ext])
-        if self.train:
+        if self.train and self.cfg.augment == "inception":
             rng = random.Random(derive_seed(self.seed, "aug", p, position))
             img = train_transform(
                 img, self.img_size, rng, area_min=self.cfg.crop_area_min, hflip=self.cfg.hflip, randaugment=ra
@@ -533,6 +535,10 @@ def make_loader(
         raise UserError(f"data.mode={data.mode!r}; use 'exact' or 'resampled'")
     if data.labels not in ("int", "multi"):
         raise UserError(f"data.labels={data.labels!r}; use 'int' or 'multi'")
+    if data.augment not in ("inception", "center"):
+        raise UserError(f"data.augment={data.augment!r}; use 'inception' or 'center'")
+    if not 0 < data.crop_area_min <= 1:
+        raise UserError(f"data.crop_area_min={data.crop_area_min} must be in (0, 1]")
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
     if data.workers < 0:
