@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from vit_scale.evaluate.common import dataset_name, eval_device
-    from vit_scale.evaluate.results import write_results
+    from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
     from vit_scale.models.weights import build_pretrained, load_pretrained
 
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
         progress=True,
     )
     name = dataset_name(args.data)
-    label = Path(args.weights.rstrip("/")).stem
+    label = weights_label(args.weights)
     metric = "prec1" if "prec1" in metrics else "top1"
     run_dir = Path(args.run_dir or Path("runs") / f"eval_{label}")
     path = write_results(

@@ -33,8 +33,10 @@ def dataset_name(source: str) -> str:
     return path.name or source
 
 
-def plain_copy(model: nn.Module, model_cfg: ModelConfig, device: torch.device) -> nn.Module:
-    """An fp32, eval-mode copy of a (possibly ZeRO-3-partitioned, bf16) ViT, without its head.
+def plain_copy(
+    model: nn.Module, model_cfg: ModelConfig, device: torch.device, keep_head: bool = False
+) -> nn.Module:
+    """An fp32, eval-mode copy of a (possibly ZeRO-3-partitioned, bf16) ViT; headless unless `keep_head`.
 
     Evaluating a copy leaves the training module, its hooks and its dtype alone, and lets each rank
     run however many batches its share of the data needs: under ZeRO-3 the live module would need
@@ -52,9 +54,9 @@ def plain_copy(model: nn.Module, model_cfg: ModelConfig, device: torch.device) -
         state = {
             k.removeprefix("module."): v.detach().to(device, torch.float32, copy=True)
             for k, v in model.state_dict().items()
-            if not k.removeprefix("module.").startswith("head.")
+            if keep_head or not k.removeprefix("module.").startswith("head.")
         }
-    copy = build_model(model_cfg, num_classes=0).to(device)
+    copy = build_model(model_cfg, num_classes=None if keep_head else 0).to(device)
     copy.load_state_dict(state, strict=True)
     return copy.eval()
 

@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from vit_scale.evaluate.common import dataset_name, eval_device
-    from vit_scale.evaluate.results import write_results
+    from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
     from vit_scale.models.weights import build_pretrained, load_pretrained
 
@@ -232,12 +232,12 @@ def main(argv: list[str]) -> int:
             rows[f"{name} {shots}-shot"] = {"top1": mean, "top1_std": std, "n": len(x_test)}
             print(f"{name:<20} {shots:>3}-shot  {100 * mean:6.2f} ± {100 * std:.2f} %")
         details[name] = {"train": train, "test": test, "train_samples": len(x_train)}
-    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{Path(args.weights.rstrip('/')).stem}")
+    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}")
     path = write_results(
         run_dir,
         {
             "kind": "fewshot",
-            "model": Path(args.weights.rstrip("/")).stem,
+            "model": weights_label(args.weights),
             "metric": "top1",
             "datasets": rows,
             "details": {

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from vit_scale.config import Config, ConfigError, load_config, save_config
 from vit_scale.dist import barrier, is_rank0, on_rank0
-from vit_scale.evaluate.results import RESULTS, read_results, write_results
+from vit_scale.errors import UserError
+from vit_scale.evaluate.results import RESULTS, read_results, weights_label, write_results
 
 INTERP = ("bilinear", "bicubic")
 
@@ -96,19 +97,23 @@ def build_transfer_model(cfg: Config):
     return model, pre
 
 
-def _evaluate_run(cfg: Config, run_dir: Path, sources: dict[str, str]) -> dict[str, dict]:
-    """Score the run's final committed checkpoint on each named source, on every rank."""
+def _evaluate_run(cfg: Config, model, sources: dict[str, str]) -> dict[str, dict]:
+    """Score the trained model on each named source, every rank scoring its share.
+
+    An fp32 copy is scored, so the result is the same whatever the engine did to the module
+    (bf16 casting, ZeRO-3 partitioning); after a resume that found the run finished, the module
+    holds the final checkpoint's weights.
+    """
     from vit_scale.dist import rank, world_size
     from vit_scale.evaluate.classify import evaluate
-    from vit_scale.evaluate.common import eval_device
-    from vit_scale.models.weights import build_pretrained, load_pretrained
+    from vit_scale.evaluate.common import eval_device, plain_copy
 
     device = eval_device()
-    model = build_pretrained(load_pretrained(run_dir)).to(device)
+    scored = plain_copy(model, cfg.model, device, keep_head=True)
     img_size = cfg.eval.img_size or cfg.model.img_size
     return {
         split: evaluate(
-            model,
+            scored,
             source,
             cfg.data,
             img_size=img_size,
@@ -134,13 +139,13 @@ def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]
         return json.loads(done.read_text())
     cfg = copy.deepcopy(cfg)
     cfg.run.dir = str(run_dir)
-    cfg.checkpoint.save_final = True  # the evaluation below reads the final committed checkpoint
+    cfg.checkpoint.save_final = True  # a finished run must be resumable into its final weights
     model, pre = build_transfer_model(cfg)
+    on_rank0(save_config, cfg, run_dir / "config.yaml")  # describes the fine-tuned model exactly
     from vit_scale.train.loop import train
 
     summary = train(cfg, run_dir, model=model)
-    del model
-    scores = _evaluate_run(cfg, run_dir, eval_sources)
+    scores = _evaluate_run(cfg, model, eval_sources)
     out = {
         "lr": cfg.optim.lr,
         "steps": (summary or {}).get("step", cfg.train.steps),
@@ -194,7 +199,7 @@ def run_finetune(cfg: Config, run_dir: str | Path, label: str | None = None) -> 
     name = dataset_name(getattr(cfg.data, split))
     results = {
         "kind": "finetune",
-        "model": label or Path(cfg.init.rstrip("/")).stem,
+        "model": label or weights_label(cfg.init),
         "metric": "prec1" if "prec1" in scored else "top1",
         "datasets": {name: scored},
         "details": {
@@ -219,7 +224,9 @@ def _primary(metrics: dict) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vit-scale finetune",
-        description="Fine-tune pretrained weights on a new task with the paper's recipe (Table 4).",
+        description="Fine-tune pretrained weights on a new task with the paper's recipe (Table 4). Resumes "
+        "on its own from the run directory. Exit 0: done; 2: bad config or input; 75: checkpointed for "
+        "preemption, requeue me.",
         epilog="example: vit-scale finetune configs/finetune/cifar100_vit_b16.yaml init=runs/pretrain "
         "data.train=shards/cifar100/train data.test=shards/cifar100/test train.steps=500",
     )
@@ -228,9 +235,46 @@ def main(argv: list[str]) -> int:
         "overrides", nargs="*", help="section.key=value settings, e.g. init=PATH train.steps=N"
     )
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+    parser.add_argument(
+        "--nproc", type=int, help="start this many local processes (not under torchrun / srun)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or cfg.run.dir)
+    return launch_or_run(
+        "finetune",
+        args,
+        [args.config, *args.overrides, "--run-dir", str(run_dir)],
+        cfg,
+        lambda: _finetune_main(cfg, run_dir),
+    )
+
+
+def launch_or_run(command: str, args, rank_argv: list[str], cfg: Config, body) -> int:
+    """Start `--nproc` local ranks re-running `command`, or run `body` in this process's rank.
+
+    A preempted run has committed a checkpoint: exit with the requeue code so SLURM requeues it.
+    """
+    from launch import env
+
+    if args.nproc is not None and not env.under_launcher():
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+        check_finetune_config(cfg)  # refuse before any process starts
+        from launch.local import run
+
+        return run(args.nproc, [command, *rank_argv])
+    env.apply()
+    from vit_scale.train.preempt import Preempted
+
+    try:
+        return body()
+    except Preempted as e:
+        on_rank0(print, f"vit-scale {command}: {e}")
+        return e.exit_code
+
+
+def _finetune_main(cfg: Config, run_dir: Path) -> int:
     results = run_finetune(cfg, run_dir)
     if is_rank0():
         (name, scores), *_ = results["datasets"].items()

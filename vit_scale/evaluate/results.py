@@ -50,6 +50,16 @@ def read_results(run_dir: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not valid JSON") from None
 
 
+def weights_label(path: str) -> str:
+    """A table column name for weights: the run's name for checkpoint paths, else the file's stem."""
+    p = Path(path.rstrip("/"))
+    if p.name.startswith("step_") and p.parent.name == "checkpoints":
+        return p.parent.parent.name
+    if p.name == "checkpoints":
+        return p.parent.name
+    return p.stem
+
+
 def _cell(entry: dict | None, metric: str) -> str:
     if not entry or entry.get(metric) is None:
         return "–"

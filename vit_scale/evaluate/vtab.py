@@ -28,7 +28,7 @@ from pathlib import Path
 from vit_scale.config import Config, ConfigError, load_config
 from vit_scale.dist import is_rank0, on_rank0
 from vit_scale.errors import UserError
-from vit_scale.evaluate.results import RESULTS, read_results, write_results
+from vit_scale.evaluate.results import RESULTS, read_results, weights_label, write_results
 
 # The paper's 19 tasks (Appendix, VTAB-1k): group and number of classes.
 TASKS: dict[str, tuple[str, int]] = {
@@ -189,13 +189,16 @@ def main(argv: list[str]) -> int:
         "--sweep", action="store_true", help="pick the lr on val200 from sweep.lr before the final run"
     )
     parser.add_argument("--run-dir", default=None, help="default runs/vtab_<weights>")
+    parser.add_argument(
+        "--nproc", type=int, help="start this many local processes (not under torchrun / srun)"
+    )
     args = parser.parse_args(argv)
 
     recipe, overrides = _split_positional(args.weights, args.overrides)
     if args.data:
         overrides = [*overrides, f"eval.vtab_data={args.data}"]
     cfg = load_config(args.config or recipe or DEFAULT_RECIPE, overrides)
-    label = Path(cfg.init.rstrip("/")).stem if cfg.init else "weights"
+    label = weights_label(cfg.init) if cfg.init else "weights"
     default_dir = Path("runs") / f"vtab_{label}"
     run_dir = Path(args.run_dir or (cfg.run.dir if recipe or args.config else default_dir))
     if args.collect:
@@ -207,6 +210,13 @@ def main(argv: list[str]) -> int:
         raise ConfigError("name the VTAB-1k data: --data ROOT (or eval.vtab_data=ROOT)")
     if not cfg.init:
         raise ConfigError("name the pretrained weights: vit-scale vtab WEIGHTS ... (or init=WEIGHTS)")
+    from vit_scale.evaluate.finetune import launch_or_run
+
+    rank_argv = _without_nproc(argv)
+    return launch_or_run("vtab", args, rank_argv, cfg, lambda: _run_tasks(cfg, args, root, run_dir, label))
+
+
+def _run_tasks(cfg: Config, args, root: str, run_dir: Path, label: str) -> int:
     if args.task:
         res = run_task(cfg, root, task_name(args.task), run_dir, args.sweep, label)
         _print_task(args.task, res)
@@ -227,6 +237,18 @@ def main(argv: list[str]) -> int:
             mean = next(reversed(results["summary"].items()))
             print(f"{mean[0]}: {100 * mean[1]['top1']:.2f}%; wrote {run_dir / RESULTS}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def _print_task(task: str, res: dict) -> None:

@@ -209,15 +209,41 @@ def _heads_from_meta(meta: dict) -> int | None:
     return None
 
 
-def _from_checkpoint(path: Path) -> Pretrained:
-    from vit_scale.checkpoint import load_consolidated_state_dict
+def consolidated_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Path]:
+    """fp32 weights and model config of the newest committed checkpoint under `path`, any ZeRO stage.
 
-    sd, cfg = load_consolidated_state_dict(path)
-    sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
-    dims = _dims(cfg.model)
-    return Pretrained(
-        sd, infer_model_config(sd, heads=dims["heads"], hint=cfg.model), "checkpoint", str(path)
-    )
+    `path` is a run directory, its checkpoints/ folder or one step directory; only committed
+    directories (COMMITTED marker, files matching the manifest) are read.
+    """
+    import contextlib
+    import io
+
+    from vit_scale.checkpoint import commit
+    from vit_scale.config import from_dict
+
+    chosen = commit.select(path)
+    if chosen.path is None:
+        why = "; ".join(chosen.notes) or "no step_* directories"
+        raise UserError(f"{path} holds no committed checkpoint to import ({why})")
+    ckpt = chosen.path
+    manifest = commit.read_manifest(ckpt)
+    model_cfg = from_dict(manifest.get("config") or {}).model
+    if manifest.get("zero_stage", 0) == 0:
+        sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed narrates the merge of the optimizer shards on stdout; our commands print their own lines.
+        with contextlib.redirect_stdout(io.StringIO()):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    sd = {k.removeprefix("module."): v.detach().float() for k, v in sd.items()}
+    return sd, model_cfg, ckpt
+
+
+def _from_checkpoint(path: Path) -> Pretrained:
+    sd, model_cfg, ckpt = consolidated_checkpoint(path)
+    heads = _dims(model_cfg)["heads"]
+    return Pretrained(sd, infer_model_config(sd, heads=heads, hint=model_cfg), "checkpoint", str(ckpt))
 
 
 def _export_dir_file(path: Path) -> Path | None:
