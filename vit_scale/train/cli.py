@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from launch import env
 
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or cfg.run.dir)
     cfg.run.dir = str(run_dir)

@@ -99,6 +99,16 @@ def agree(*flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def next_batches(data_iter, count: int) -> list:
+    """The next `count` batches, without touching the training RNG: the DataLoader draws a seed from
+    torch's global generator when its workers start, which happens at the first step of each process,
+    so a resumed run would otherwise see different dropout masks from the uninterrupted one."""
+    state = torch.get_rng_state()
+    batches = [next(data_iter) for _ in range(count)]
+    torch.set_rng_state(state)
+    return batches
+
+
 def model_dtype(cfg: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
 
@@ -232,7 +242,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     try:
         while counters.step < steps:
             t0 = time.perf_counter()
-            batches = [next(data_iter) for _ in range(accum)]
+            batches = next_batches(data_iter, accum)
             t_data = time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
             loss = train_step(engine, batches, loss_fn, dtype)

@@ -1,0 +1,125 @@
+"""Shared pieces of the pretraining tests: tiny real-JPEG shards, running `vit-scale pretrain` as the user
+does (real processes, real DeepSpeed on gloo), and reading back what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_helpers import write_corpus  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
+NUM_CLASSES = 5
+
+
+def make_shards(out_dir: Path, n: int = 64, shard_size: int = 16) -> Path:
+    """n real JPEG crops of the scikit-learn photos in n / shard_size tar shards, labels i mod 5."""
+    write_corpus(out_dir, n, shard_size=shard_size, num_classes=NUM_CLASSES, size=(40, 36))
+    return out_dir
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+    ):
+        e.pop(key, None)
+    e.update(extra)
+    return e
+
+
+def pretrain_cmd(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vit_scale.cli",
+        "pretrain",
+        str(TINY),
+        f"data.train={shards}",
+        *overrides,
+        "--run-dir",
+        str(run_dir),
+        "--nproc",
+        str(nproc),
+        "--max-restarts",
+        "0",
+    ]
+
+
+def pretrain(
+    run_dir: Path,
+    shards: Path,
+    *overrides: str,
+    nproc: int = 2,
+    timeout: float = 240,
+    extra_env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        pretrain_cmd(run_dir, shards, *overrides, nproc=nproc),
+        cwd=ROOT,
+        env=env(**(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of the per-step records (checkpoint records carry no loss)."""
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from vit_scale.checkpoint import load_consolidated_state_dict
+
+    return load_consolidated_state_dict(path)[0]
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-n:]}\nstderr:\n{proc.stderr[-n:]}"
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a `--nproc` run whole: the elastic agent starts each rank in a session of its own, so kill
+    every rank's process group (the rank and its data workers), then the agent's."""
+    import signal
+
+    for rank_pid in children(proc.pid):
+        try:
+            os.killpg(rank_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
