@@ -173,6 +173,8 @@ class ShardWriter:
         return self.inputs_done
 
     def _clear_previous(self) -> None:
+        # A stale index.json beside new shards would describe the wrong files if this run is interrupted.
+        (self.out_dir / INDEX_NAME).unlink(missing_ok=True)
         for p in self.out_dir.glob(f"{self.prefix}-*.tar*"):
             p.unlink()
         (self.out_dir / PROGRESS_NAME).unlink(missing_ok=True)
