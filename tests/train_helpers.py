@@ -42,6 +42,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def pretrain_cmd(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    """The command line a user types; nproc=0 runs in this one process, without the elastic agent."""
     return [
         sys.executable,
         "-m",
@@ -52,10 +53,7 @@ def pretrain_cmd(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -
         *overrides,
         "--run-dir",
         str(run_dir),
-        "--nproc",
-        str(nproc),
-        "--max-restarts",
-        "0",
+        *(["--nproc", str(nproc), "--max-restarts", "0"] if nproc else []),
     ]
 
 
