@@ -120,14 +120,73 @@ def class_images(label: int, n: int, size: int, rng: np.random.Generator) -> lis
 
 
 def write_class_shards(
-    out: Path, num_classes: int, per_class: int, size: int = 32, seed: int = 0, split: str = ""
+    out: Path,
+    num_classes: int,
+    per_class: int,
+    size: int = 32,
+    seed: int = 0,
+    split: str = "",
+    shard_size: int = 10_000,
 ) -> Path:
     """A real shard set (JPEG in tar, index.json) through the data engineer's ShardWriter."""
     from vit_scale.data.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
-    with ShardWriter(out, shard_size=10_000, classes=[f"c{i}" for i in range(num_classes)], split=split) as w:
+    with ShardWriter(
+        out, shard_size=shard_size, classes=[f"c{i}" for i in range(num_classes)], split=split
+    ) as w:
         for label in range(num_classes):
             for j, img in enumerate(class_images(label, per_class, size, rng)):
                 w.write(f"s{label:03d}_{j:04d}", jpeg(img), "jpg", label, {"source": f"{label}/{j}"})
     return out
+
+
+def write_cifar100_python(
+    root: Path, train_per_class: int, test_per_class: int, used: int = 4, seed: int = 0
+) -> Path:
+    """A `cifar-100-python` folder in the official pickle layout (train, test, meta), with images of
+    the first `used` of the 100 classes."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        images, fine = [], []
+        for label in range(used):
+            images += class_images(label, n, 32, rng)
+            fine += [label] * n
+        data = np.stack(images).transpose(0, 3, 1, 2).reshape(len(images), 3072)
+        batch = {
+            b"data": data,
+            b"fine_labels": fine,
+            b"coarse_labels": [f // 5 for f in fine],
+            b"filenames": [f"img_{i:05d}.png".encode() for i in range(len(fine))],
+            b"batch_label": f"{split} batch".encode(),
+        }
+        (d / split).write_bytes(pickle.dumps(batch))
+    meta = {
+        b"fine_label_names": [f"class_{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+    }
+    (d / "meta").write_bytes(pickle.dumps(meta))
+    return d
+
+
+def write_vtab_task(root: Path, task: str, classes: int, seed: int = 0) -> Path:
+    """A VTAB-1k task folder: JPEG files plus train800/val200/train800val200/test lists (tiny counts)."""
+    rng = np.random.default_rng(seed)
+    d = root / task
+    (d / "images").mkdir(parents=True)
+    counts = {"train800": 4, "val200": 1, "test": 3}
+    lists: dict[str, list[str]] = {s: [] for s in (*counts, "train800val200")}
+    for split, per_class in counts.items():
+        for label in range(classes):
+            for j, img in enumerate(class_images(label, per_class, 32, rng)):
+                rel = f"images/{split}_{label}_{j}.jpg"
+                (d / rel).write_bytes(jpeg(img))
+                lists[split].append(f"{rel} {label}")
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, lines in lists.items():
+        (d / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return d

@@ -238,7 +238,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--nproc", type=int, help="start this many local processes (not under torchrun / srun)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or cfg.run.dir)
     return launch_or_run(

@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--nproc", type=int, help="start this many local processes (not under torchrun / srun)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     recipe, overrides = _split_positional(args.weights, args.overrides)
     if args.data:
