@@ -20,11 +20,12 @@ from vit_scale.errors import UserError
 PORT_BASE, PORT_SPAN = 20000, 20000
 
 
-def first_host(nodelist: str) -> str:
+def first_host(nodelist: str, env: Mapping[str, str] | None = None) -> str:
     """The first hostname of a SLURM node list such as `gpu[003-010,012]`."""
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist],
+            env=None if env is None else dict(env),
             capture_output=True,
             text=True,
             check=True,
@@ -56,7 +57,12 @@ def job_end_time(env: Mapping[str, str]) -> float | None:
         return None
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, check=True, timeout=30
+            ["squeue", "-h", "-j", job, "-o", "%e"],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.strip()
     except (FileNotFoundError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return None
@@ -79,7 +85,7 @@ def distributed_env(env: Mapping[str, str]) -> dict[str, str]:
             RANK=env["SLURM_PROCID"],
             WORLD_SIZE=env["SLURM_NTASKS"],
             LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-            MASTER_ADDR=first_host(env["SLURM_JOB_NODELIST"])
+            MASTER_ADDR=first_host(env["SLURM_JOB_NODELIST"], env)
             if env.get("SLURM_JOB_NODELIST")
             else "127.0.0.1",
             MASTER_PORT=env.get("MASTER_PORT") or str(job_port(job)),

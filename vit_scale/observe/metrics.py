@@ -101,7 +101,7 @@ class MetricsLog:
         entity: str,
         run_name: str,
         run_id: str | None,
-        job_id: str | None,
+        job_ids: list[str],
         resume_step: int,
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -112,7 +112,7 @@ class MetricsLog:
         mode = wandb_mode(wandb_setting)
         if mode != "disabled":
             self.run = self._start_wandb(
-                Path(run_dir), config, mode, project, entity, run_name, run_id, job_id
+                Path(run_dir), config, mode, project, entity, run_name, run_id, job_ids
             )
             self.run_id = self.run.id
 
@@ -134,25 +134,22 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     @staticmethod
-    def _start_wandb(run_dir, config, mode, project, entity, run_name, run_id, job_id):
+    def _start_wandb(run_dir, config, mode, project, entity, run_name, run_id, job_ids):
         import wandb
 
-        run_id = run_id or wandb.util.generate_id()
         run = wandb.init(
             project=project,
             entity=entity or None,
             name=run_name,
-            id=run_id,
+            id=run_id,  # None: wandb picks one, which the checkpoints then carry
             resume="allow",
             dir=str(run_dir),
             mode=mode,
             config=config,
             settings=wandb.Settings(silent=True, console="off"),
         )
-        if job_id:
-            jobs = list(run.config.get("slurm_job_ids") or [])
-            if job_id not in jobs:
-                run.config.update({"slurm_job_ids": [*jobs, job_id]}, allow_val_change=True)
+        if job_ids:  # the chain of SLURM jobs (requeues) this run has lived in, kept by the checkpoints
+            run.config.update({"slurm_job_ids": list(job_ids)}, allow_val_change=True)
         return run
 
     def log(self, record: dict) -> None:

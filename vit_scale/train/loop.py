@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class Counters:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     wandb_id: str | None = None
+    job_ids: list[str] = field(default_factory=list)  # the launcher's job ids (SLURM requeues), in order
 
 
 # ---------------------------------------------------------------- pieces
@@ -192,6 +193,9 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
         on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
 
     # ---- logging
+    job = os.environ.get("VIT_SCALE_JOB_ID")
+    if job and job not in counters.job_ids:
+        counters.job_ids.append(job)
     log = None
     if is_rank0():
         log = metrics.MetricsLog(
@@ -202,7 +206,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
             entity=cfg.logging.entity,
             run_name=cfg.run.name,
             run_id=counters.wandb_id,
-            job_id=os.environ.get("VIT_SCALE_JOB_ID"),
+            job_ids=counters.job_ids,
             resume_step=counters.step,
         )
         counters.wandb_id = log.run_id

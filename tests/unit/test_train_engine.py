@@ -1,0 +1,97 @@
+"""The pieces of the engine that need no process group: schedule, DeepSpeed config, run length, losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vit_scale.config import ConfigError, load_config
+from vit_scale.train.engine import deepspeed_config, lr_multiplier, param_groups
+from vit_scale.train.loop import loss_function, normalize, total_steps
+
+
+def test_warmup_then_linear_decay_to_zero():
+    f = [lr_multiplier(s, total_steps=10, warmup_steps=4, decay="linear", end_ratio=0.0) for s in range(10)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and f[7] == pytest.approx(0.5) and f[9] == pytest.approx(1 / 6)
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+
+
+def test_cosine_ends_at_end_lr():
+    f = [lr_multiplier(s, total_steps=101, warmup_steps=1, decay="cosine", end_ratio=0.1) for s in range(102)]
+    assert f[1] == 1.0 and f[51] == pytest.approx(0.55) and f[101] == pytest.approx(0.1)
+
+
+def test_deepspeed_config_follows_the_config_tree():
+    cfg = load_config(
+        None,
+        [
+            "train.global_batch=64",
+            "train.micro_batch_per_rank=8",
+            "parallel.zero_stage=3",
+            "parallel.offload_optimizer=true",
+            "parallel.offload_params=true",
+            "precision.dtype=fp16",
+            "optim.grad_clip=0.5",
+        ],
+    )
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 64
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == 64
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic scaling
+    assert "bf16" not in ds and ds["gradient_clipping"] == 0.5
+
+
+def test_plain_fp32_stage0_clips_in_our_guard_not_in_deepspeed():
+    cfg = load_config(None, ["parallel.zero_stage=0", "precision.dtype=fp32", "train.global_batch=8"])
+    assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0
+    with pytest.raises(ConfigError, match="train.global_batch=8 is not a multiple"):
+        deepspeed_config(load_config(None, ["train.global_batch=8", "train.micro_batch_per_rank=3"]), 1)
+
+
+def test_run_length_from_epochs_or_examples():
+    cfg = load_config(None, ["train.epochs=2.5", "train.global_batch=100"])
+    assert total_steps(cfg, num_samples=1000) == 25
+    cfg = load_config(None, ["train.examples=1050", "train.global_batch=100"])
+    assert total_steps(cfg, num_samples=-1) == 11
+    with pytest.raises(ConfigError, match="index.json"):
+        total_steps(load_config(None, ["train.epochs=1"]), num_samples=-1)
+
+
+def test_no_weight_decay_on_biases_norms_and_embeddings():
+    from vit_scale.models import build_model
+
+    model = build_model(
+        load_config(None, ["model.width=16", "model.depth=1", "model.heads=2", "model.mlp=32"]).model
+    )
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "pos_embed",
+        "cls_token",
+        "norm.weight",
+        "head.bias",
+    }
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"]) and decay["weight_decay"] == 0.1
+
+
+def test_losses_and_normalisation():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    softmax = loss_function(load_config(None, []))
+    assert softmax(logits, torch.tensor([0])).item() == pytest.approx(
+        -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1)))
+    )
+    sigmoid = loss_function(load_config(None, ["data.labels=multi"]))
+    want = sum(
+        math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
+        for z, y in zip([2.0, 0.0, -1.0], [1, 0, 1])
+    )
+    assert sigmoid(logits, torch.tensor([[1.0, 0.0, 1.0]])).item() == pytest.approx(want)
+    x = normalize(torch.tensor([0, 255], dtype=torch.uint8), torch.float32)
+    assert x.tolist() == [-1.0, 1.0]

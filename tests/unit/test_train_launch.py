@@ -1,0 +1,114 @@
+"""launch/env.py (torchrun and srun variables -> torch.distributed's), preemption flags, metrics and wandb."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from launch import env as launch_env
+from vit_scale.observe import metrics
+from vit_scale.train.preempt import DEADLINE_ENV, REQUEUE_EXIT_CODE, PreemptionWatch
+
+
+def test_torchrun_variables_pass_through():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert launch_env.distributed_env(torchrun) == {}
+    assert launch_env.distributed_env({"RANK": "2", "WORLD_SIZE": "4"}) == {"LOCAL_RANK": "2"}
+    assert launch_env.under_launcher(torchrun) and not launch_env.under_launcher({})
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (SLURM client) not installed")
+def test_srun_task_variables_become_torch_distributed_ones(tmp_path):
+    # scontrol expands node lists from its config file alone; no daemon is involved.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        "ClusterName=t\nSlurmctldHost=localhost\nNodeName=gpu[001-020] CPUs=1\nPartitionName=p Nodes=ALL\n"
+    )
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[007-008,012]",
+        "SLURM_JOB_END_TIME": "1900000000",
+        "SLURM_CONF": str(conf),
+        "PATH": os.environ["PATH"],
+    }
+    out = launch_env.distributed_env(srun)
+    assert out == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu007",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+        "VIT_SCALE_JOB_ID": "123456",
+        "VIT_SCALE_DEADLINE": "1900000000",
+    }
+    full = dict(srun)
+    assert launch_env.apply(full) == 8 and full["RANK"] == "5"
+
+
+def test_signal_only_sets_a_flag_and_deadline_counts_the_next_interval(monkeypatch):
+    monkeypatch.delenv(DEADLINE_ENV, raising=False)
+    watch = PreemptionWatch()
+    try:
+        assert not watch.stop_requested(10.0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watch.requested and watch.reason == "SIGUSR1" and watch.stop_requested(0.0)
+    finally:
+        watch.restore()
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 100))
+    watch = PreemptionWatch()
+    try:
+        assert not watch.stop_requested(50.0)  # the next checkpoint fits before the deadline
+        assert watch.stop_requested(150.0) and DEADLINE_ENV in watch.reason
+    finally:
+        watch.restore()
+    assert REQUEUE_EXIT_CODE == 75
+
+
+def test_throughput_and_mfu_from_analytic_flops():
+    t = metrics.throughput(
+        images=800, seconds=2.0, data_seconds=0.5, world=4, flops_per_image=1e12, peak=100.0
+    )
+    assert t["images_per_s"] == 400 and t["images_per_s_per_rank"] == 100
+    assert t["tflops_per_device"] == pytest.approx(100.0) and t["mfu"] == pytest.approx(1.0)
+    assert t["data_wait_frac"] == 0.25
+    assert metrics.peak_tflops(42.0) == 42.0
+
+
+def test_wandb_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert metrics.wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert metrics.wandb_mode("auto") == "online"
+    assert metrics.wandb_mode("disabled") == "disabled"
+
+
+def test_metrics_log_drops_rewound_steps_and_resumes_the_same_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    kw = dict(wandb_setting="offline", project="p", entity="", run_name="r")
+    log = metrics.MetricsLog(tmp_path, {"a": 1}, run_id=None, job_ids=["111"], resume_step=0, **kw)
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": float(step)})
+    run_id = log.run_id
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # torn by a kill
+    log = metrics.MetricsLog(tmp_path, {"a": 1}, run_id=run_id, job_ids=["111", "222"], resume_step=2, **kw)
+    assert log.run_id == run_id
+    assert log.run.config["slurm_job_ids"] == ["111", "222"]
+    log.log({"step": 3, "loss": 30.0})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
