@@ -324,3 +324,13 @@ def test_tar_reader_matches_tarfile_on_other_writers_archives(fmt):
     flipped[3] ^= 1
     with pytest.raises(ValueError, match="checksum"):
         list(tar_members(io.BytesIO(bytes(flipped))))
+
+
+def test_shards_without_samples_stop_training_with_a_message_not_a_hang(tmp_path):
+    for i in range(2):
+        (tmp_path / f"empty-{i}.tar").write_bytes(bytes(1024))  # a valid tar with no members
+    loader = make_loader(
+        str(tmp_path / "empty-{0..1}.tar"), DataConfig(workers=0), train=True, img_size=IMG, batch_size=2
+    )
+    with pytest.raises(UserError, match="read no samples"):
+        take(loader, 1)

@@ -284,6 +284,10 @@ def shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
     yield from buf
 
 
+class EmptyStream(Exception):
+    """A training stream whose shards hold no samples for one of its workers."""
+
+
 class EpochStream:
     """The raw samples of one logical worker of one shard set, epoch after epoch."""
 
@@ -341,7 +345,7 @@ class EpochStream:
         epoch = 0
         while True:
             length = self.epoch_length(epoch)
-            if length is None or skip < length or not endless:
+            if length is None or skip < length or not endless or length == 0:
                 break
             skip -= length
             epoch += 1
@@ -351,9 +355,16 @@ class EpochStream:
                 for _ in itertools.islice(items, skip):
                     pass
                 skip = 0
-            yield from items
+            produced = 0
+            for item in items:
+                produced += 1
+                yield item
             if not endless:
                 return
+            if not produced:
+                # An endless stream that yields nothing would hang this rank (and the others at the next
+                # collective) instead of failing.
+                raise EmptyStream(f"worker {self.p} read no samples from {self.shards.spec} in epoch {epoch}")
             epoch += 1
 
 
@@ -444,13 +455,20 @@ class _WorkerStreams(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.workers
+        try:
+            yield from self._batches(logical, in_worker=info is not None)
+        except EmptyStream as e:
+            # Errors travel as items: the main process raises them as one clean UserError.
+            yield ("error", f"{e}; are some shards empty? rebuild them or check the source")
+
+    def _batches(self, logical: int, in_worker: bool):
         p = self.rank * self.workers + logical
         position, bad = self.positions[logical], self.bad[logical]
         window: deque[bool] = deque(maxlen=max(1, self.cfg.bad_window))
         window_bad = 0
         limit = self.cfg.max_bad_fraction * window.maxlen
         ra = make_randaugment(self.cfg.randaugment, self.img_size) if self.train else None
-        images, labels = self._new_batch(info is not None), []
+        images, labels = self._new_batch(in_worker), []
         for sample in self._raw(logical, position):
             try:
                 img, label = self._decode(sample, position, p, ra)
@@ -477,7 +495,7 @@ class _WorkerStreams(IterableDataset):
             labels.append(label)
             if len(labels) == self.batch_size:
                 yield images, self._labels(labels), logical, position, bad
-                images, labels = self._new_batch(info is not None), []
+                images, labels = self._new_batch(in_worker), []
         if labels:
             yield images[: len(labels)], self._labels(labels), logical, position, bad
 
