@@ -127,8 +127,13 @@ def write_class_shards(
     seed: int = 0,
     split: str = "",
     shard_size: int = 10_000,
+    signal: bool = True,
 ) -> Path:
-    """A real shard set (JPEG in tar, index.json) through the data engineer's ShardWriter."""
+    """A real shard set (JPEG in tar, index.json) through the data engineer's ShardWriter.
+
+    `signal=False` writes pure-noise images: labels then carry no information, so scores sit near
+    chance and vary with every detail of the computation.
+    """
     from vit_scale.data.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
@@ -136,7 +141,12 @@ def write_class_shards(
         out, shard_size=shard_size, classes=[f"c{i}" for i in range(num_classes)], split=split
     ) as w:
         for label in range(num_classes):
-            for j, img in enumerate(class_images(label, per_class, size, rng)):
+            images = (
+                class_images(label, per_class, size, rng)
+                if signal
+                else [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(per_class)]
+            )
+            for j, img in enumerate(images):
                 w.write(f"s{label:03d}_{j:04d}", jpeg(img), "jpg", label, {"source": f"{label}/{j}"})
     return out
 

@@ -40,11 +40,12 @@ def vit_scale(*args, cwd, env=None, check=True):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A pretrained tiny ViT (32 px) with few-shot evaluation every 3 steps."""
+    """A tiny ViT (32 px) pretrained on 2 ranks under ZeRO-3, with few-shot evaluation every 3 steps."""
     w = tmp_path_factory.mktemp("transfer")
-    write_class_shards(w / "pre" / "train", num_classes=5, per_class=8, seed=0)
-    write_class_shards(w / "fs" / "train", num_classes=3, per_class=3, seed=1)
-    write_class_shards(w / "fs" / "test", num_classes=3, per_class=2, seed=2)
+    write_class_shards(w / "pre" / "train", num_classes=5, per_class=8, seed=0, shard_size=10)
+    # Noise images: few-shot scores near chance, so two computations agree only if they really match.
+    write_class_shards(w / "fs" / "train", num_classes=4, per_class=4, seed=1, signal=False)
+    write_class_shards(w / "fs" / "test", num_classes=4, per_class=6, seed=2, signal=False)
     vit_scale(
         "pretrain",
         REPO / "configs/pretrain/tiny_cpu.yaml",
@@ -56,9 +57,12 @@ def work(tmp_path_factory):
         "eval.fewshot_shots=[1,2]",
         "eval.fewshot_seeds=2",
         "checkpoint.every_steps=6",
+        "parallel.zero_stage=3",  # few-shot gathers the partitioned weights and every rank's features
         *QUIET,
         "--run-dir",
         w / "pretrain",
+        "--nproc",
+        2,
         cwd=w,
     )
     return w
@@ -181,7 +185,7 @@ def test_vtab_over_two_tiny_tasks_writes_the_table(work):
     assert "| svhn |" in table and "| **Structured (1/8 tasks)** |" in table
 
 
-def test_fewshot_command(work):
+def test_fewshot_command_matches_the_metric_logged_during_pretraining(work):
     vit_scale(
         "fewshot",
         work / "pretrain",
@@ -199,4 +203,28 @@ def test_fewshot_command(work):
     )
     res = json.loads((work / "fsr" / "results.json").read_text())
     assert list(res["datasets"]) == ["fs 1-shot", "fs 3-shot"]
-    assert all(r["n"] == 6 and 0 <= r["top1"] <= 1 for r in res["datasets"].values())
+    assert all(r["n"] == 24 and 0 <= r["top1"] <= 1 for r in res["datasets"].values())
+    # Same final weights, same samples in the same order (rank 0's share, then rank 1's), same draws:
+    # one process here reproduces what two ranks gathered at step 6.
+    vit_scale(
+        "fewshot",
+        work / "pretrain",
+        "--train",
+        work / "fs/train",
+        "--test",
+        work / "fs/test",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "2",
+        "--run-dir",
+        work / "fsr2",
+        cwd=work,
+    )
+    cli_scores = json.loads((work / "fsr2" / "results.json").read_text())["datasets"]
+    logged = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    at6 = next(r for r in logged if r.get("step") == 6 and "fewshot/fs_1shot" in r)
+    assert (at6["fewshot/fs_1shot"], at6["fewshot/fs_2shot"]) == (
+        cli_scores["fs 1-shot"]["top1"],
+        cli_scores["fs 2-shot"]["top1"],
+    )
