@@ -199,6 +199,7 @@ def test_build_imagenet21k_release_tar_and_directory(tmp_path):
         },
     )
     _synset_tar(synsets / "n03000003.tar", {})
+    (synsets / "n04000004.tar").write_bytes(b"not a tar file at all" * 40)
     release = tmp_path / "winter21_whole.tar"
     with tarfile.open(release, "w") as t:
         for p in sorted(synsets.iterdir()):
@@ -210,9 +211,11 @@ def test_build_imagenet21k_release_tar_and_directory(tmp_path):
             == 0
         )
         index = index_of(out)
-        assert [c["wnid"] for c in index["classes"]] == ["n01000001", "n02000002", "n03000003"]
-        assert index["num_samples"] == 5 and index["empty_classes"] == ["n03000003"]
-        assert index["skipped"] == [{"source": "n01000001/n01000001_3.JPEG", "reason": "zero-byte file"}]
+        assert [c["wnid"] for c in index["classes"]] == ["n01000001", "n02000002", "n03000003", "n04000004"]
+        assert index["num_samples"] == 5 and index["empty_classes"] == ["n03000003", "n04000004"]
+        assert [s["source"] for s in index["skipped"]] == ["n04000004.tar", "n01000001/n01000001_3.JPEG"]
+        assert index["skipped"][0]["reason"].startswith("unreadable synset tar")
+        assert index["skipped"][1]["reason"] == "zero-byte file"
         assert sorted(all_labels(out)) == [0, 0, 1, 1, 1]
     assert digests(tmp_path / "out_synsets") == digests(tmp_path / f"out_{release.name}")
 

@@ -117,64 +117,95 @@ def image_folder(root: Path, split: str = "") -> Corpus:
 # ---- ImageNet-21k release tars ----------------------------------------------------------------------------
 
 
-def _members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    return sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-
-
 def in21k(src: Path, split: str = "") -> Corpus:
     """`fall11_whole.tar`-style release (a tar of `nXXXXXXXX.tar` synset tars) or a directory of synset tars.
 
     Tar members are listed by seeking over their data (an uncompressed tar on disk), so listing a
     1.3 TB release reads only its headers; image bytes are streamed later without unpacking to disk.
     """
-    synsets: list[tuple[str, str, str]] = []  # (wnid, outer tar or "", synset tar path or member name)
-    if src.is_file():
-        try:
-            with tarfile.open(src, "r:") as outer:
-                for m in _members(outer):
-                    if m.name.endswith(".tar"):
-                        synsets.append((Path(m.name).stem, str(src), m.name))
-        except tarfile.TarError as e:
-            raise UserError(f"{src} is not a readable tar archive ({e})") from None
-    else:
-        synsets = [(p.stem, "", str(p)) for p in sorted(src.glob("*.tar"))]
-    if not synsets:
-        raise UserError(f"{src} holds no synset tars (members like n01440764.tar)")
-    synsets.sort()
-    items, empty, unusable = [], [], []
-    classes = [{"id": i, "name": wnid, "wnid": wnid} for i, (wnid, _, _) in enumerate(synsets)]
-    for cid, (wnid, outer, where) in enumerate(synsets):
-        try:
-            members = _synset_members(outer, where)
-        except tarfile.TarError as e:
-            unusable.append({"source": f"{wnid}.tar", "reason": f"unreadable synset tar ({e})"})
-            empty.append(wnid)
-            continue
-        names = [m for m in members if Path(m).suffix.lower() in IMAGE_SUFFIXES]
-        for m in members:
-            if m not in names:
-                unusable.append({"source": f"{wnid}/{m}", "reason": f"not an image file ({Path(m).suffix})"})
-        if not names:
-            empty.append(wnid)
-        for m in names:
-            src_name = f"{wnid}/{m}"
-            item = Item(key=make_key(Path(m).stem), label=cid, source=src_name, member=m, meta={"wnid": wnid})
-            if outer:
-                item.outer, item.outer_member = outer, where
-            else:
-                item.path = where
-            items.append(item)
+    with _Tars() as tars:
+        if src.is_file():
+            try:
+                outer = tars.outer_members(str(src))
+            except tarfile.TarError as e:
+                raise UserError(f"{src} is not a readable tar archive ({e})") from None
+            synsets = [(Path(n).stem, str(src), n) for n in outer if n.endswith(".tar")]
+        else:
+            synsets = [(p.stem, "", str(p)) for p in src.glob("*.tar")]
+        if not synsets:
+            raise UserError(f"{src} holds no synset tars (members like n01440764.tar)")
+        synsets.sort()
+        items, empty, unusable = [], [], []
+        classes = [{"id": i, "name": wnid, "wnid": wnid} for i, (wnid, _, _) in enumerate(synsets)]
+        for cid, (wnid, outer_path, where) in enumerate(synsets):
+            try:
+                members = sorted(tars.synset(outer_path, where))
+            except tarfile.TarError as e:
+                unusable.append({"source": f"{wnid}.tar", "reason": f"unreadable synset tar ({e})"})
+                empty.append(wnid)
+                continue
+            names = [m for m in members if Path(m).suffix.lower() in IMAGE_SUFFIXES]
+            unusable += [
+                {"source": f"{wnid}/{m}", "reason": f"not an image file ({Path(m).suffix or 'no suffix'})"}
+                for m in members
+                if Path(m).suffix.lower() not in IMAGE_SUFFIXES
+            ]
+            if not names:
+                empty.append(wnid)
+            for m in names:
+                item = Item(
+                    key=make_key(Path(m).stem), label=cid, source=f"{wnid}/{m}", member=m, meta={"wnid": wnid}
+                )
+                if outer_path:
+                    item.outer, item.outer_member = outer_path, where
+                else:
+                    item.path = where
+                items.append(item)
     return Corpus("in21k", items, classes, empty, unusable)
 
 
-def _synset_members(outer: str, where: str) -> list[str]:
-    if outer:
-        with tarfile.open(outer, "r:") as o:
-            inner = o.extractfile(where)
-            with tarfile.open(fileobj=inner, mode="r:") as t:
-                return [m.name for m in _members(t)]
-    with tarfile.open(where, "r:") as t:
-        return [m.name for m in _members(t)]
+class _Tars:
+    """Tar files read in place with each member table built once: a release tar of 21k synset tars is
+    scanned once, not once per synset, and only one synset tar is open at a time."""
+
+    def __init__(self):
+        self._outer: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+        self._synset: tuple[tuple[str, str], tarfile.TarFile, dict[str, tarfile.TarInfo]] | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._synset is not None:
+            self._synset[1].close()
+        for tar, _ in self._outer.values():
+            tar.close()
+
+    def outer_members(self, path: str) -> list[str]:
+        if path not in self._outer:
+            tar = tarfile.open(path, "r:")
+            self._outer[path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
+        return list(self._outer[path][1])
+
+    def synset(self, outer: str, where: str) -> dict[str, tarfile.TarInfo]:
+        """Member table of a synset tar: `where` inside the release tar `outer`, or the file `where`."""
+        if self._synset is None or self._synset[0] != (outer, where):
+            if self._synset is not None:
+                self._synset[1].close()
+                self._synset = None
+            if outer:
+                self.outer_members(outer)
+                tar, members = self._outer[outer]
+                t = tarfile.open(fileobj=tar.extractfile(members[where]), mode="r:")
+            else:
+                t = tarfile.open(where, "r:")
+            self._synset = ((outer, where), t, {m.name: m for m in t.getmembers() if m.isfile()})
+        return self._synset[2]
+
+    def read(self, item: Item) -> bytes:
+        where = item.outer_member if item.outer else item.path
+        members = self.synset(item.outer, where)
+        return self._synset[1].extractfile(members[item.member]).read()
 
 
 # ---- CIFAR --------------------------------------------------------------------------------------------------
@@ -352,38 +383,19 @@ def select(items: list[Item], *, holdout: int, split: str, part: int, parts: int
 def read_items(items: list[Item]) -> Iterator[tuple[Item, bytes | None, str]]:
     """(item, bytes, error) in order; bytes is None and error says why when the input cannot be read.
 
-    Synset tars are opened once per run of consecutive items and read member by member, never unpacked.
+    Synset tars are read member by member where they lie, never unpacked.
     """
-    open_key, members, handles = None, {}, []
-    try:
+    with _Tars() as tars:
         for it in items:
             if it.data is not None:
                 yield it, it.data, ""
-                continue
-            if not it.member:
+            elif it.member:
+                try:
+                    yield it, tars.read(it), ""
+                except (tarfile.TarError, OSError, KeyError) as e:
+                    yield it, None, f"unreadable tar member ({e})"
+            else:
                 try:
                     yield it, Path(it.path).read_bytes(), ""
                 except OSError as e:
                     yield it, None, f"unreadable file ({e.strerror or e})"
-                continue
-            key = (it.outer, it.outer_member or it.path)
-            if key != open_key:
-                for h in reversed(handles):
-                    h.close()
-                handles, members = [], {}
-                if it.outer:
-                    o = tarfile.open(it.outer, "r:")
-                    handles.append(o)
-                    t = tarfile.open(fileobj=o.extractfile(it.outer_member), mode="r:")
-                else:
-                    t = tarfile.open(it.path, "r:")
-                handles.append(t)
-                members = {m.name: m for m in t.getmembers()}
-                open_key = key
-            try:
-                yield it, handles[-1].extractfile(members[it.member]).read(), ""
-            except (tarfile.TarError, OSError, KeyError) as e:
-                yield it, None, f"unreadable tar member ({e})"
-    finally:
-        for h in reversed(handles):
-            h.close()
