@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -191,7 +192,9 @@ def _converted(items, max_side, quality, workers):
     # A bounded window of futures: inputs are read only as fast as they are converted (memory stays flat).
     window = 8 * workers
     pending: deque = deque()
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: the progress bar's thread may hold a lock at fork time, and a worker needs only
+    # PIL and this module (about 0.1 s to import).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for item, data, error in reads:
             fut = None if error else pool.submit(_convert_task, (data, max_side, quality))
             pending.append((item, fut, error))
