@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
 PRETRAIN_CONFIG = CONFIGS / "pretrain_fractals.yaml"
 FINETUNE_CONFIG = CONFIGS / "finetune_digits.yaml"
 FEWSHOT_SHOTS = (1, 5, 10, 25)
+MARKER = ".vit-scale-demo"
 
 
 @dataclass
@@ -151,6 +153,23 @@ def _corpus(demo: Demo, stage: Stage, out: Path, recipe: dict, build) -> None:
     stage.path = out
 
 
+def fresh_runs(demo: Demo) -> None:
+    """Start every run from nothing, so each stage's time and result are this demo's own.
+
+    The runs would otherwise resume (pretraining) or return earlier results (fine-tuning) made with
+    other knobs. Only directories this command made are removed: OUT carries a marker file.
+    """
+    out = demo.knobs.out
+    marker = out / MARKER
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise UserError(f"demo: {out} exists and was not made by `vit-scale demo`; pass a new --out")
+    for name in ("runs", "report"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `vit-scale demo`: its runs/ and report/ are replaced on every run\n")
+
+
 def build_corpora(demo: Demo) -> None:
     from vit_scale.data import digits, synth
 
@@ -214,11 +233,17 @@ def pretrain(demo: Demo) -> None:
         f"train.steps={k.pretrain_steps}",
         f"checkpoint.every_steps={max(1, k.pretrain_steps // 3)}",
     ]
-    if _run(
-        stage,
-        ["pretrain", str(PRETRAIN_CONFIG), *overrides, "--run-dir", str(stage.path), "--nproc", str(k.nproc)],
-        nproc=k.nproc,
-    ):
+    # A demo should stop at the first failure and say so, not retry a broken stage (--max-restarts 0).
+    argv = [
+        "pretrain",
+        str(PRETRAIN_CONFIG),
+        *overrides,
+        "--run-dir",
+        str(stage.path),
+        "--nproc",
+        str(k.nproc),
+    ]
+    if _run(stage, [*argv, "--max-restarts", "0"], nproc=k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _final_loss(stage.path)
 
@@ -337,8 +362,14 @@ def _results(run_dir: Path) -> dict[str, dict]:
 
 
 def _accuracy_text(run_dir: Path) -> str:
-    rows = _results(run_dir)
-    return ", ".join(f"{name} {100 * row['top1']:.1f}%" for name, row in rows.items() if "top1" in row)
+    """'digits 97.2%', or for few-shot rows ('digits 5-shot', ...) 'digits 1/5-shot 20.1/55.0%'."""
+    rows = {name: row["top1"] for name, row in _results(run_dir).items() if "top1" in row}
+    shots = [name.rsplit(" ", 1) for name in rows if name.endswith("-shot")]
+    if shots and len(shots) == len(rows):
+        counts = "/".join(n.removesuffix("-shot") for _, n in shots)
+        accs = "/".join(f"{100 * v:.1f}" for v in rows.values())
+        return f"{shots[0][0]} {counts}-shot {accs}%"
+    return ", ".join(f"{name} {100 * v:.1f}%" for name, v in rows.items())
 
 
 def _top1_rows(stage: Stage) -> dict[str, float]:
@@ -490,6 +521,7 @@ def main(argv: list[str]) -> int:
     from vit_scale.io import atomic_write_json
 
     demo = Demo(knobs)
+    fresh_runs(demo)
     start = time.perf_counter()
     build_corpora(demo)
     pretrain(demo)
