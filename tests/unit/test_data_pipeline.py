@@ -334,3 +334,17 @@ def test_shards_without_samples_stop_training_with_a_message_not_a_hang(tmp_path
     )
     with pytest.raises(UserError, match="read no samples"):
         take(loader, 1)
+
+
+def test_resume_refuses_a_different_shard_set(tmp_path, corpus):
+    cfg = DataConfig(workers=0)
+    a = make_loader(str(corpus), cfg, train=True, img_size=IMG, batch_size=BATCH)
+    take(a, 1)
+    fewer = make_loader(
+        str(corpus / "shard-{000000..000010}.tar"), cfg, train=True, img_size=IMG, batch_size=BATCH
+    )
+    with pytest.raises(UserError, match="shard set"):
+        fewer.load_state_dict(a.state_dict())
+    moved = tmp_path / "moved"
+    shutil.copytree(corpus, moved)  # the same shards elsewhere (a copy to node-local disk) resume fine
+    make_loader(str(moved), cfg, train=True, img_size=IMG, batch_size=BATCH).load_state_dict(a.state_dict())

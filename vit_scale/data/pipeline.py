@@ -500,6 +500,12 @@ class _WorkerStreams(IterableDataset):
             yield images[: len(labels)], self._labels(labels), logical, position, bad
 
 
+def _fingerprint(sets: list[ShardSet]) -> str:
+    """Names and counts of the shards, in order: a position means nothing over a different shard set."""
+    text = repr([([Path(u).name for u in s.urls], s.counts) for s in sets])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 # ---- the loader the trainer holds -------------------------------------------------------------------------
 
 
@@ -557,7 +563,8 @@ class ShardLoader:
         ds = self._ds
         return {
             "version": STATE_VERSION,
-            "source": ":".join(s.spec for s in ds.sets),
+            "source": "::".join(s.spec for s in ds.sets),
+            "shards": _fingerprint(ds.sets),
             "mode": ds.cfg.mode if ds.train else "eval",
             "seed": ds.seed,
             "world_size": ds.world_size,
@@ -581,6 +588,7 @@ class ShardLoader:
             ("seed", "train.seed"),
             ("mode", "data.mode"),
             ("rank", "the rank"),
+            ("shards", "the shard set (its files and counts)"),
         ):
             if state.get(key) != mine[key]:
                 raise UserError(
