@@ -141,7 +141,7 @@ def test_vtab_over_two_tiny_tasks_writes_the_table(work):
     raw = work / "vtab_raw"
     for i, (task, classes) in enumerate((("svhn", 3), ("dmlab", 2))):
         folder = write_vtab_task(raw, task, classes, seed=i)
-        for split in ("train800val200", "test"):
+        for split in ("train800", "val200", "train800val200", "test"):
             out = work / "vtab" / task / split
             assert (
                 cli(
@@ -171,6 +171,8 @@ def test_vtab_over_two_tiny_tasks_writes_the_table(work):
         "train.steps=2",
         "train.global_batch=4",
         "eval.batch_size=8",
+        "sweep.lr=[0.01,0.03]",
+        "--sweep",
         *QUIET,
         "--run-dir",
         work / "vt",
@@ -181,6 +183,11 @@ def test_vtab_over_two_tiny_tasks_writes_the_table(work):
     assert res["datasets"]["svhn"]["n"] == 9 and res["datasets"]["dmlab"]["n"] == 6
     mean = res["summary"]["VTAB mean (2/19 tasks)"]["top1"]
     assert mean == pytest.approx((res["datasets"]["svhn"]["top1"] + res["datasets"]["dmlab"]["top1"]) / 2)
+    # Each task swept both rates on val200, then retrained on train800val200 with the better one.
+    svhn = json.loads((work / "vt" / "svhn" / "results.json").read_text())["details"]
+    assert [s["lr"] for s in svhn["sweep"]] == [0.01, 0.03] and all(s["val"]["n"] == 3 for s in svhn["sweep"])
+    best = max(svhn["sweep"], key=lambda s: s["val"]["top1"])["lr"]
+    assert svhn["lr"] == best and (work / "vt" / "svhn" / "final" / "checkpoints").is_dir()
     table = (work / "vt" / "results.md").read_text()
     assert "| svhn |" in table and "| **Structured (1/8 tasks)** |" in table
 

@@ -61,3 +61,19 @@ def test_task_selection(tmp_path):
     assert select_tasks(str(tmp_path), "dmlab,svhn") == ["svhn", "dmlab"]
     with pytest.raises(UserError, match="no VTAB-1k task directories"):
         select_tasks(str(tmp_path / "eurosat"), None)
+
+
+def test_collect_from_the_command_line_after_a_slurm_array(tmp_path, capsys):
+    from vit_scale.cli import main as cli
+
+    # The array template names directories by the cluster's task names, e.g. smallnorb_elev.
+    for task, acc in (("dtd", 0.25), ("smallnorb_elev", 0.5)):
+        write_results(
+            tmp_path / task,
+            {"kind": "finetune", "model": "vit", "metric": "top1", "datasets": {task: {"top1": acc}}},
+        )
+    assert cli(["vtab", "weights.pth", "--collect", "--run-dir", str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| smallnorb_ele | 50.00 |" in table and "| **VTAB mean (2/19 tasks)** | 37.50 |" in table
+    assert cli(["vtab", "weights.pth", "--data", str(tmp_path), "--task", "imagenet"]) == 2
+    assert "unknown VTAB-1k task 'imagenet'" in capsys.readouterr().err

@@ -143,8 +143,11 @@ def collect(run_dir: str | Path, label: str | None = None) -> dict:
     run_dir = Path(run_dir)
     per_task, names = {}, set()
     for task in TASKS:
-        if (run_dir / task / RESULTS).is_file():
-            res = read_results(run_dir / task)
+        # An array task may have been started under an alias (its directory keeps that name).
+        dirs = [run_dir / name for name in (task, *(a for a, t in ALIASES.items() if t == task))]
+        done = next((d for d in dirs if (d / RESULTS).is_file()), None)
+        if done is not None:
+            res = read_results(done)
             per_task[task] = next(iter(res["datasets"].values()))
             names.add(res["model"])
     if not per_task:
@@ -210,6 +213,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError("name the VTAB-1k data: --data ROOT (or eval.vtab_data=ROOT)")
     if not cfg.init:
         raise ConfigError("name the pretrained weights: vit-scale vtab WEIGHTS ... (or init=WEIGHTS)")
+    if args.task:
+        args.task = task_name(args.task)  # refuse an unknown name before any process starts
     from vit_scale.evaluate.finetune import launch_or_run
 
     rank_argv = _without_nproc(argv)
@@ -218,7 +223,7 @@ def main(argv: list[str]) -> int:
 
 def _run_tasks(cfg: Config, args, root: str, run_dir: Path, label: str) -> int:
     if args.task:
-        res = run_task(cfg, root, task_name(args.task), run_dir, args.sweep, label)
+        res = run_task(cfg, root, args.task, run_dir, args.sweep, label)
         _print_task(args.task, res)
         return 0
     tasks = select_tasks(root, args.tasks)
