@@ -106,18 +106,25 @@ def merge_index(directory: str | Path, parts: list[str] | None = None) -> dict:
     for d, i in zip(part_dirs, indexes):
         if i["classes"] != classes:
             raise UserError(f"{d} has different classes from {part_dirs[0]}; the parts are not of one build")
-    shards, skipped, keys_labels = [], [], {i["labels"] for i in indexes}
+    kinds = {i["labels"] for i in indexes if i["num_samples"]}
+    if len(kinds) > 1:
+        raise UserError(f"the parts in {directory} mix single labels and multi-labels; rebuild them alike")
+    shards, skipped = [], []
     for d, i in zip(part_dirs, indexes):
+        if not d.resolve().is_relative_to(directory.resolve()):
+            raise UserError(
+                f"part {d} is not inside {directory}; the merged index names shards relative to it"
+            )
         rel = d.resolve().relative_to(directory.resolve())
         shards += [{**s, "name": f"{rel.as_posix()}/{s['name']}"} for s in i["shards"]]
         skipped += i["skipped"]
-    extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [str(d.name) for d in part_dirs]}
+    extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [d.name for d in part_dirs]}
     index = make_index(
         shards,
         classes=classes,
         skipped=skipped,
         split=indexes[0]["split"],
-        labels=sorted(keys_labels)[0],
+        labels=kinds.pop() if kinds else "cls",
         extra=extra,
     )
     atomic_write_json(directory / INDEX_NAME, index)
