@@ -74,22 +74,36 @@ def test_exact_epoch_covers_corpus_once_and_resume_is_exact(corpus, world, worke
         tail = take(resumed, len(full) - cut)
         for (xa, ya), (xb, yb) in zip(head + tail, full):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    streams = [
+        EpochStream(
+            resolve_shards(str(corpus)),
+            mode="exact",
+            seed=3,
+            p=p,
+            consumers=world * max(1, workers),
+            shuffle=1,
+        )
+        for p in range(world * max(1, workers))
+    ]
+    assert {s.epoch_length(e) for s in streams for e in (0, 1)} == {N // (world * max(1, workers))}
     for seen in epochs:
         assert sorted(seen) == list(range(N)), "one epoch over all ranks is the corpus, each sample once"
     assert epochs[0] != epochs[1], "each epoch has its own order"
 
 
-def test_state_dict_is_json_and_iterating_again_continues(corpus):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_is_json_and_iterating_again_continues(corpus, workers):
     import json
 
-    cfg = DataConfig(workers=0, shuffle_buffer=4)
+    cfg = DataConfig(workers=workers, shuffle_buffer=4)
     loader = make_loader(str(corpus), cfg, train=True, img_size=IMG, batch_size=BATCH, seed=1)
     a = take(loader, 3)
     state = json.loads(json.dumps(loader.state_dict()))
     b = take(loader, 2)  # a second iteration picks up after the third batch
     ref = take(make_loader(str(corpus), cfg, train=True, img_size=IMG, batch_size=BATCH, seed=1), 5)
     assert labels_of(a + b) == labels_of(ref)
-    assert state["batches"] == 3 and state["positions"] == [3 * BATCH]
+    assert state["batches"] == 3
+    assert state["positions"] == ([3 * BATCH] if workers == 0 else [2 * BATCH, BATCH])
 
 
 def test_resume_refuses_a_changed_world_size(corpus):
