@@ -238,12 +238,15 @@ def test_corrupt_samples_are_counted_then_stop_the_run(tmp_path):
         take(make_loader(str(good), strict, train=True, img_size=IMG, batch_size=2), 100)
 
 
-def test_training_augmentation_leaves_global_rng_alone(corpus):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_global_rngs_alone(corpus, workers):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    state = random.getstate()
-    take(make_loader(str(corpus), DataConfig(workers=0), train=True, img_size=IMG, batch_size=BATCH), 2)
+    state, np_state = random.getstate(), np.random.get_state()
+    cfg = DataConfig(workers=workers, randaugment="rand-m9-mstd0.5")
+    take(make_loader(str(corpus), cfg, train=True, img_size=IMG, batch_size=BATCH), 2)
     assert torch.equal(torch.get_rng_state(), before) and random.getstate() == state
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state))
 
 
 def test_refusals(tmp_path, corpus):

@@ -547,6 +547,9 @@ class ShardLoader:
                 num_workers=ds.cfg.workers,
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=2,
+                # The DataLoader draws its workers' base seed from this generator, not from the global
+                # RNG, so starting an iteration leaves the trainer's RNG streams (and exact resume) alone.
+                generator=torch.Generator().manual_seed(derive_seed(ds.seed, "loader", ds.rank) % 2**63),
             )
         else:
             loader = ds
