@@ -235,3 +235,20 @@ def test_fewshot_command_matches_the_metric_logged_during_pretraining(work):
         cli_scores["fs 1-shot"]["top1"],
         cli_scores["fs 2-shot"]["top1"],
     )
+
+
+def test_exported_folder_imports_like_the_checkpoint(work):
+    import torch
+
+    from vit_scale.checkpoint.export import export
+    from vit_scale.models.weights import build_pretrained, load_pretrained
+
+    export(work / "pretrain", work / "exported")
+    from_ckpt, from_export = load_pretrained(work / "pretrain"), load_pretrained(work / "exported")
+    assert (from_ckpt.source, from_export.source) == ("checkpoint", "safetensors")
+    assert from_export.model == from_ckpt.model  # heads come from the export's config.json
+    assert from_export.state_dict.keys() == from_ckpt.state_dict.keys()
+    assert all(torch.equal(from_export.state_dict[k], v) for k, v in from_ckpt.state_dict.items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(build_pretrained(from_export).eval()(x), build_pretrained(from_ckpt).eval()(x))

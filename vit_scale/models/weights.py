@@ -209,41 +209,18 @@ def _heads_from_meta(meta: dict) -> int | None:
     return None
 
 
-def consolidated_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Path]:
-    """fp32 weights and model config of the newest committed checkpoint under `path`, any ZeRO stage.
-
-    `path` is a run directory, its checkpoints/ folder or one step directory; only committed
-    directories (COMMITTED marker, files matching the manifest) are read.
-    """
+def _from_checkpoint(path: Path) -> Pretrained:
+    """A committed checkpoint (newest under a run directory, or the one named), any ZeRO stage."""
     import contextlib
     import io
 
-    from vit_scale.checkpoint import commit
-    from vit_scale.config import from_dict
+    from vit_scale.checkpoint import load_consolidated_state_dict
 
-    chosen = commit.select(path)
-    if chosen.path is None:
-        why = "; ".join(chosen.notes) or "no step_* directories"
-        raise UserError(f"{path} holds no committed checkpoint to import ({why})")
-    ckpt = chosen.path
-    manifest = commit.read_manifest(ckpt)
-    model_cfg = from_dict(manifest.get("config") or {}).model
-    if manifest.get("zero_stage", 0) == 0:
-        sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # DeepSpeed narrates the merge of the optimizer shards on stdout; our commands print their own lines.
-        with contextlib.redirect_stdout(io.StringIO()):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    sd = {k.removeprefix("module."): v.detach().float() for k, v in sd.items()}
-    return sd, model_cfg, ckpt
-
-
-def _from_checkpoint(path: Path) -> Pretrained:
-    sd, model_cfg, ckpt = consolidated_checkpoint(path)
-    heads = _dims(model_cfg)["heads"]
-    return Pretrained(sd, infer_model_config(sd, heads=heads, hint=model_cfg), "checkpoint", str(ckpt))
+    # DeepSpeed narrates the merge of the optimizer shards on stdout; our commands print their own lines.
+    with contextlib.redirect_stdout(io.StringIO()):
+        sd, cfg = load_consolidated_state_dict(path)
+    heads = _dims(cfg.model)["heads"]
+    return Pretrained(sd, infer_model_config(sd, heads=heads, hint=cfg.model), "checkpoint", str(path))
 
 
 def _export_dir_file(path: Path) -> Path | None:
@@ -258,42 +235,41 @@ def load_pretrained(path: str | Path, hint: ModelConfig | None = None) -> Pretra
     path = Path(path)
     if not path.exists():
         raise UserError(f"weights {path} do not exist")
-    if path.is_dir():
-        inner = _export_dir_file(path)
-        if inner is None:
-            return _from_checkpoint(path)
-        meta: dict = {}
-        if (path / "config.json").is_file():
-            try:
-                meta = json.loads((path / "config.json").read_text())
-            except ValueError:
-                raise UserError(f"{path / 'config.json'} is not valid JSON") from None
-        pre = load_pretrained(inner, hint)
-        heads = _heads_from_meta(meta)
-        if heads is not None:
-            pre.model = infer_model_config(pre.state_dict, heads=heads, hint=hint)
-        return pre
+    if not path.is_dir():
+        return _load_file(path, hint)
+    inner = _export_dir_file(path)
+    if inner is None:
+        return _from_checkpoint(path)
+    meta: dict = {}
+    if (path / "config.json").is_file():
+        try:
+            meta = json.loads((path / "config.json").read_text())
+        except ValueError:
+            raise UserError(f"{path / 'config.json'} is not valid JSON") from None
+    return _load_file(inner, hint, heads=_heads_from_meta(meta))
+
+
+def _load_file(path: Path, hint: ModelConfig | None, heads: int | None = None) -> Pretrained:
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                sd, heads = npz_to_state_dict(arrays)
+                sd, npz_heads = npz_to_state_dict(arrays)
         except (ValueError, OSError, zipfile.BadZipFile) as e:
             raise UserError(f"{path} is not a readable .npz file ({e})") from None
-        return Pretrained(sd, infer_model_config(sd, heads=heads, hint=hint), "npz", str(path))
+        return Pretrained(sd, infer_model_config(sd, heads=npz_heads, hint=hint), "npz", str(path))
     if suffix == ".safetensors":
         sd, meta = _read_safetensors(path)
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        return Pretrained(
-            sd, infer_model_config(sd, heads=_heads_from_meta(meta), hint=hint), "safetensors", str(path)
-        )
+        heads = heads if heads is not None else _heads_from_meta(meta)
+        return Pretrained(sd, infer_model_config(sd, heads=heads, hint=hint), "safetensors", str(path))
     if suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad or unsafe pickle
             raise UserError(f"{path} is not a readable torch state dict ({type(e).__name__}: {e})") from None
         sd = _unwrap(obj, path)
-        return Pretrained(sd, infer_model_config(sd, hint=hint), "timm", str(path))
+        return Pretrained(sd, infer_model_config(sd, heads=heads, hint=hint), "timm", str(path))
     raise UserError(
         f"do not know how to read weights {path}: give a checkpoint or run directory, an export folder, "
         f"a .safetensors, a torch state dict ({', '.join(TORCH_SUFFIXES)}) or an official .npz"
