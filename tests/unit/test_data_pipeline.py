@@ -365,3 +365,25 @@ def test_resume_refuses_a_different_shard_set(tmp_path, corpus):
     moved = tmp_path / "moved"
     shutil.copytree(corpus, moved)  # the same shards elsewhere (a copy to node-local disk) resume fine
     make_loader(str(moved), cfg, train=True, img_size=IMG, batch_size=BATCH).load_state_dict(a.state_dict())
+
+
+def test_http_source_through_a_local_server(corpus):
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(corpus))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/shard-{{000000..000011}}.tar"
+        loader = make_loader(url, DataConfig(workers=0), train=False, img_size=IMG, batch_size=16)
+        assert sorted(labels_of(loader)) == list(range(N))
+    finally:
+        server.shutdown()
+        server.server_close()
