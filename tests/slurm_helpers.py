@@ -258,12 +258,59 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
     def wait_done(self, job_id: int, timeout: float) -> dict[str, str]:
         return self.wait_state(job_id, TERMINAL, timeout)
 
+    def release_requeued(self, job_id: int, timeout: float = 60) -> None:
+        """Start a requeued job now: SLURM holds a requeued batch job back for two minutes (BeginTime)
+        to let the old one's epilog finish, which would only make the tests slow."""
+
+        def held():
+            j = self.job(job_id)
+            return j.get("JobState") in ("RUNNING", "COMPLETED") or (
+                j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime"
+            )
+
+        _wait(held, timeout, f"requeued job {job_id} to be pending", interval=0.3)
+        if self.job(job_id).get("JobState") == "PENDING":
+            self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
     def log_tail(self, lines: int = 30) -> str:
         parts = []
         for f in sorted(self.logs.glob("*.log")):
             text = f.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"--- {f.name}\n" + "\n".join(text))
         return "\n".join(parts)
+
+
+def write_tiny_shards(out_dir: Path, n: int = 64, classes: int = 5, per_shard: int = 16) -> Path:
+    """Real JPEG crops of sklearn's sample photos in real tar shards (ShardWriter), labelled by crop position."""
+    import glob
+    import io
+
+    import sklearn
+    from PIL import Image
+
+    from vit_scale.data.shards import ShardWriter
+
+    photos = sorted(glob.glob(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", "*.jpg")))
+    images = [Image.open(p).convert("RGB") for p in photos]
+    names = [f"c{i}" for i in range(classes)]
+    with ShardWriter(out_dir, shard_size=per_shard, classes=names, split="train") as w:
+        for i in range(n):
+            img = images[i % len(images)]
+            x, y = (i * 37) % (img.width - 96), (i * 23) % (img.height - 96)
+            buf = io.BytesIO()
+            img.crop((x, y, x + 96, y + 96)).resize((40, 40)).save(buf, "JPEG", quality=85)
+            w.write(
+                f"s{i:05d}", buf.getvalue(), "jpg", i % classes, {"source": f"{photos[i % len(photos)]}#{i}"}
+            )
+    return out_dir
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> loss from a run's metrics.jsonl (the last record of each step)."""
+    from vit_scale.observe.report import read_metrics
+
+    by_step, _ = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return {s: r["loss"] for s, r in sorted(by_step.items()) if "loss" in r}
 
 
 def make_cluster_dir() -> Path:
