@@ -200,3 +200,44 @@ def write_vtab_task(root: Path, task: str, classes: int, seed: int = 0) -> Path:
     for split, lines in lists.items():
         (d / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return d
+
+
+def write_cifar10_python(root: Path, per_class: int, seed: int = 0) -> tuple[Path, np.ndarray, list[int]]:
+    """A `cifar-10-batches-py` folder in the official layout (data_batch_1, test_batch, batches.meta);
+    returns it with the test images (N, 32, 32, 3) and labels."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    out = {}
+    for name in ("data_batch_1", "test_batch"):
+        images, labels = [], []
+        for label in range(10):
+            images += class_images(label, per_class, 32, rng)
+            labels += [label] * per_class
+        stacked = np.stack(images)
+        batch = {
+            b"data": stacked.transpose(0, 3, 1, 2).reshape(len(images), 3072),
+            b"labels": labels,
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))],
+            b"batch_label": name.encode(),
+        }
+        (d / name).write_bytes(pickle.dumps(batch))
+        out[name] = (stacked, labels)
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    (d / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": names, b"num_cases_per_batch": 10 * per_class})
+    )
+    return d, *out["test_batch"]

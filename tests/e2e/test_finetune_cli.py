@@ -241,12 +241,15 @@ def test_exported_folder_imports_like_the_checkpoint(work):
     import torch
 
     from vit_scale.checkpoint.export import export
+    from vit_scale.models import model_dims
     from vit_scale.models.weights import build_pretrained, load_pretrained
 
     export(work / "pretrain", work / "exported")
     from_ckpt, from_export = load_pretrained(work / "pretrain"), load_pretrained(work / "exported")
     assert (from_ckpt.source, from_export.source) == ("checkpoint", "safetensors")
-    assert from_export.model == from_ckpt.model  # heads come from the export's config.json
+    a, b = from_ckpt.model, from_export.model
+    assert model_dims(b) == model_dims(a)  # heads come from the export's config.json
+    assert (b.img_size, b.num_classes, b.pool) == (a.img_size, a.num_classes, a.pool) == (32, 5, "token")
     assert from_export.state_dict.keys() == from_ckpt.state_dict.keys()
     assert all(torch.equal(from_export.state_dict[k], v) for k, v in from_ckpt.state_dict.items())
     x = torch.randn(2, 3, 32, 32)

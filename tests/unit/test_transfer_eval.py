@@ -115,3 +115,40 @@ def test_eval_refuses_headless_weights_and_wrong_class_count(tmp_path, capsys):
     assert "no classification head" in capsys.readouterr().err
     assert cli(["eval", str(tmp_path / "three.pth"), "--data", data, "--run-dir", str(tmp_path / "r")]) == 2
     assert "8 classes but the model's head has 3" in capsys.readouterr().err
+
+
+def test_eval_on_cifar10_shards_built_from_the_official_pickles(tmp_path):
+    from transfer_helpers import write_cifar10_python
+
+    src, images, labels = write_cifar10_python(tmp_path / "raw", per_class=2)
+    out = tmp_path / "cifar10" / "test"
+    assert (
+        cli(
+            [
+                "shards",
+                "build",
+                str(src),
+                "--out",
+                str(out),
+                "--format",
+                "cifar",
+                "--split",
+                "test",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    model = _model(10)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # PNG in the shards: exact pixels
+    with torch.no_grad():
+        top = model(x).topk(5, 1).indices
+    y = torch.tensor(labels)
+    assert cli(["eval", str(tmp_path / "w.pth"), "--data", str(out), "--run-dir", str(tmp_path / "run")]) == 0
+    got = json.loads((tmp_path / "run" / "results.json").read_text())["datasets"]["cifar10"]
+    assert got["n"] == 20
+    assert got["top1"] == pytest.approx((top[:, 0] == y).double().mean().item(), abs=1e-12)
+    assert got["top5"] == pytest.approx((top == y[:, None]).any(1).double().mean().item(), abs=1e-12)

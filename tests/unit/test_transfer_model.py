@@ -63,8 +63,9 @@ def test_bad_finetune_configs_name_the_setting(tmp_path, npz):
         ([], "init=PATH"),
         ([f"init={npz}"], "data.train"),
         ([f"init={npz}", f"data.train={data}", "model.pos_embed_interp=nearest"], "pos_embed_interp"),
-        ([f"init={npz}", f"data.train={data}", "sweep.lr=[]"], "set model.num_classes=3"),
+        ([f"init={npz}", f"data.train={data}", "sweep.lr=[]", "data.test=x"], "set model.num_classes=3"),
         ([f"init={npz}", f"data.train={data}", "model.num_classes=3", "sweep.lr=[0.01]"], "data.val"),
+        ([f"init={npz}", f"data.train={data}", "model.num_classes=3", "sweep.lr=[]"], "data.test"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -72,3 +73,19 @@ def test_bad_finetune_configs_name_the_setting(tmp_path, npz):
     cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=36"])
     with pytest.raises(ConfigError, match="model.img_size=36"):
         build_transfer_model(cfg)
+
+
+def test_evaluation_copy_scores_like_the_model_and_draws_no_random_numbers(npz):
+    from vit_scale.evaluate.common import plain_copy
+
+    cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=32"])
+    model, _ = build_transfer_model(cfg)
+    torch.nn.init.normal_(model.head.weight)  # a non-zero head, so the logits say something
+    model.to(torch.bfloat16)  # as DeepSpeed leaves a bf16 module
+    rng = torch.random.get_rng_state()
+    copy = plain_copy(model, cfg.model, torch.device("cpu"), keep_head=True)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(p.dtype == torch.float32 for p in copy.parameters()) and not copy.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(copy(x), model.float().eval()(x))

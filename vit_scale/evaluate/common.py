@@ -56,8 +56,11 @@ def plain_copy(
             for k, v in model.state_dict().items()
             if keep_head or not k.removeprefix("module.").startswith("head.")
         }
-    copy = build_model(model_cfg, num_classes=None if keep_head else 0).to(device)
-    copy.load_state_dict(state, strict=True)
+    # Built on the meta device and filled by assignment: no initialisation to pay for, and no draw
+    # from the global RNG, so evaluating during training leaves the training's random stream alone.
+    with torch.device("meta"):
+        copy = build_model(model_cfg, num_classes=None if keep_head else 0)
+    copy.load_state_dict(state, strict=True, assign=True)
     return copy.eval()
 
 

@@ -55,6 +55,10 @@ def check_finetune_config(cfg: Config) -> None:
         )
     if cfg.sweep.lr and not cfg.data.val:
         raise ConfigError("sweep.lr picks the best learning rate on data.val; set data.val=SHARDS")
+    if cfg.sweep.lr and not cfg.data.test:
+        raise ConfigError("after the sweep the final run is scored on data.test; set data.test=SHARDS")
+    if not (cfg.data.test or cfg.data.val):
+        raise ConfigError("nothing would score the fine-tuned model: set data.test=SHARDS (or data.val)")
     if any(lr <= 0 for lr in cfg.sweep.lr):
         raise ConfigError(f"sweep.lr values must be positive, got {cfg.sweep.lr}")
     if cfg.model.num_classes < 1:
@@ -192,10 +196,8 @@ def run_finetune(cfg: Config, run_dir: str | Path, label: str | None = None) -> 
         final = finetune_once(final_cfg, run_dir, {"val": cfg.data.val, "test": cfg.data.test})
     from vit_scale.evaluate.common import dataset_name
 
-    scored = final["eval"].get("test") or final["eval"].get("val")
-    if scored is None:
-        raise ConfigError("nothing to report: set data.test (or data.val) to score the fine-tuned model")
     split = "test" if final["eval"].get("test") else "val"
+    scored = final["eval"][split]
     name = dataset_name(getattr(cfg.data, split))
     results = {
         "kind": "finetune",
