@@ -6,9 +6,10 @@
    activation checkpointing, committing checkpoints as it goes (configs/demo/pretrain_fractals.yaml);
 3. fine-tunes it on the digits at a higher resolution (position embeddings interpolated), and the same
    architecture from scratch with the same budget (configs/demo/finetune_digits.yaml);
-4. few-shot linear evaluation of the pretrained representation on the digits;
+4. few-shot linear evaluation on the digits of the frozen pretrained representation, and of the same
+   architecture at random initialisation (the weights the scratch fine-tune starts from);
 5. renders the report of all runs;
-6. prints one table: pretrained vs scratch accuracy, few-shot accuracy, images/s and time per stage.
+6. prints one table: pretrained vs baseline accuracy, few-shot accuracy, images/s and time per stage.
 
 Every stage runs the real `vit-scale` command in its own process, so a stage sees exactly what a user
 typing the command would, and one stage's process group or threads never leak into the next. A command
@@ -118,6 +119,7 @@ def _run(stage: Stage, argv: list[str], nproc: int = 1) -> bool:
         stage.status = f"skipped: `vit-scale {command}` is not available yet"
         stage.path = None
         return False
+    _announce(stage.name, "vit-scale " + " ".join(argv))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "vit_scale.cli", *argv], env=_child_env(nproc))
     stage.seconds = time.perf_counter() - start
@@ -126,6 +128,15 @@ def _run(stage: Stage, argv: list[str], nproc: int = 1) -> bool:
         return False
     stage.status = "done"
     return True
+
+
+def _announce(name: str, what: str) -> None:
+    """A header before each stage's own output, with the command to type to run it alone."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    console.rule(f"[bold]{name}")
+    console.print(what, soft_wrap=True)
 
 
 def _needs(stage: Stage, *deps: Stage) -> bool:
@@ -139,13 +150,14 @@ def _needs(stage: Stage, *deps: Stage) -> bool:
 # ---------------------------------------------------------------- stages
 
 
-def _corpus(demo: Demo, stage: Stage, out: Path, recipe: dict, build) -> None:
+def _corpus(stage: Stage, out: Path, recipe: dict, build) -> None:
     """Build a corpus unless `out` already holds one made with the same recipe (a re-run reuses it)."""
     index = out / "index.json"
     if index.exists() and json.loads(index.read_text()).get("generator") == recipe:
         stage.status = "cached"
         stage.seconds = 0.0
     else:
+        _announce(stage.name, f"building {out}")
         start = time.perf_counter()
         build()
         stage.seconds = time.perf_counter() - start
@@ -186,7 +198,6 @@ def build_corpora(demo: Demo) -> None:
         "size": k.pretrain_size,
     }
     _corpus(
-        demo,
         fractals,
         demo.data / "fractals",
         recipe,
@@ -210,7 +221,6 @@ def build_corpora(demo: Demo) -> None:
         "test_per_class": digits.TEST_PER_CLASS,
     }
     _corpus(
-        demo,
         digit_stage,
         demo.data / "digits" / "test",
         recipe,
@@ -518,6 +528,10 @@ def main(argv: list[str]) -> int:
     if knobs.classes < 2:
         raise UserError("demo: --classes must be at least 2")
 
+    if not PRETRAIN_CONFIG.is_file() or not FINETUNE_CONFIG.is_file():
+        raise UserError(
+            f"demo: its recipes {CONFIGS} are missing; run it from a source checkout (`pip install -e .`)"
+        )
     from vit_scale.io import atomic_write_json
 
     demo = Demo(knobs)
