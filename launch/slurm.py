@@ -177,6 +177,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         raise UserError(f"--gpus-per-node must be 0 or more, got {gpus}")
     seconds = time_limit_seconds(args.time) if args.time else None
     common = dict(workdir=_q(Path.cwd()), resources=_resources(args, gpus))
+    follow_up = dict(common, resources=_resources(args, 0))  # merging indexes or a table needs no GPU
 
     if kind in ("pretrain", "finetune"):
         if args.nodes < 1:
@@ -240,7 +241,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         collect = render_template(
             "collect",
             dict(
-                common,
+                follow_up,
                 job_name=f"{name}-table",
                 log_dir=f"{_q(run_dir)}/slurm",
                 what="the VTAB-1k table",
@@ -283,7 +284,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
     merge = render_template(
         "collect",
         dict(
-            common,
+            follow_up,
             job_name=f"{name}-merge",
             log_dir=f"{_q(out)}/slurm",
             what=f"the part indexes into {out}/index.json",

@@ -123,6 +123,8 @@ def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path
         "init=/w/vit.pt",
         "--tasks",
         "dtd,svhn,eurosat",
+        "--gpus-per-node",
+        "1",
         "--run-dir",
         str(tmp_path / "v"),
         "--time",
@@ -133,11 +135,13 @@ def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path
     array, table = out.split("#!/bin/bash\n")[1:]
     lines = sbatch_lines(array)
     assert "--array=0-2" in lines and "--time=90" in lines and "--partition=p" in lines
+    assert "--gpus-per-node=1" in lines
     assert "TASKS=(dtd svhn eurosat)" in array
     assert array.strip().endswith(
         f'vtab {config} init=/w/vit.pt --task "$task" --run-dir {tmp_path / "v"}/"$task"'
     )
     assert "--partition=p" in sbatch_lines(table)
+    assert not any(line.startswith("--gpus") for line in sbatch_lines(table))
     assert table.strip().endswith(f"vtab {config} init=/w/vit.pt --collect --run-dir {tmp_path / 'v'}")
 
 
