@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# ViT-B/16 bf16 training-step throughput and MFU on one GPU, in one run, printed as a table:
+# our trainer (DeepSpeed ZeRO-1) with activation checkpointing and torch.compile on and off, and a plain
+# timm + autocast loop (eager and compiled). Needs only this project and its wheels (no data, no network).
+#
+#   bash bench/gpu.sh                 # defaults: batch 128, 30 timed steps after 15 warm-up steps
+#   BATCH=256 STEPS=50 bash bench/gpu.sh
+#
+# Budget: under 8 minutes on one H100 (six settings; the four compiled ones spend most of it compiling).
+# Record the table, the GPU and the date in docs/performance.md ("Training step on GPU").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+OUT=${OUT:-bench/gpu-$(date -u +%Y%m%dT%H%M%SZ).json}
+
+"$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "bench/gpu.sh: no CUDA device visible")'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "date: $(date -u +%FT%TZ)  torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+
+timeout "${TIMEOUT:-470}" "$PYTHON" bench/train_step.py gpu \
+  --batch "${BATCH:-128}" --steps "${STEPS:-30}" --warmup "${WARMUP:-15}" --out "$OUT" \
+  ${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"} "$@"
+echo "result: $OUT"

@@ -1,0 +1,70 @@
+"""The Python part of bench/gpu.sh, run on CPU at a tiny size: every eager row of the table is produced
+from real training steps, with MFU computed from the analytic FLOPs and the given peak."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_step.py"),
+            "gpu",
+            "--variant",
+            "vit_ti16",
+            "--width",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--img",
+            "32",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--dtype",
+            "fp32",
+            "--peak-tflops",
+            "0.001",
+            "--skip-compile",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["setting"] for r in result["rows"]] == [
+        "ours ZeRO-1",
+        "ours ZeRO-1 + act-ckpt",
+        "timm + autocast",
+    ]
+    # the analytic training FLOPs of this tiny ViT, written out: 16-px patch embedding, one block of 4 + 1
+    # tokens, a 1000-way head; training counts as 3 x forward
+    n, w, mlp, patches = 5, 32, 128, 4
+    forward = (
+        2 * patches * (3 * 16 * 16) * w + 2 * n * w * 3 * w + 4 * n * n * w + 2 * n * w * w + 4 * n * w * mlp
+    )
+    flops = 3 * (forward + 2 * w * 1000)
+    for r in result["rows"]:
+        assert r["images_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["images_per_s"] * flops / 1e12 / 0.001, rel=2e-3, abs=1e-3)
+    assert "| ours ZeRO-1 + act-ckpt" in proc.stdout
