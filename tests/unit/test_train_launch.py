@@ -112,3 +112,16 @@ def test_metrics_log_drops_rewound_steps_and_resumes_the_same_offline_wandb_run(
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_pretrain_refuses_a_bad_config_before_starting_any_process(tmp_path, capsys):
+    from vit_scale.cli import main
+
+    tiny = str(launch_env.__file__).replace("launch/env.py", "configs/pretrain/tiny_cpu.yaml")
+    rc = main(["pretrain", tiny, "train.global_batch=7", "--nproc", "2", "--run-dir", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train.global_batch=7 is not divisible by train.grad_accum=1 × world size 2" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["pretrain", tiny, "parallel.zero_stag=2", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "did you mean parallel.zero_stage" in capsys.readouterr().err
