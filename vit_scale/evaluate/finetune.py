@@ -247,13 +247,14 @@ def main(argv: list[str]) -> int:
         "finetune",
         args,
         [args.config, *args.overrides, "--run-dir", str(run_dir)],
-        cfg,
+        lambda: check_finetune_config(cfg),
         lambda: _finetune_main(cfg, run_dir),
     )
 
 
-def launch_or_run(command: str, args, rank_argv: list[str], cfg: Config, body) -> int:
-    """Start `--nproc` local ranks re-running `command`, or run `body` in this process's rank.
+def launch_or_run(command: str, args, rank_argv: list[str], check, body) -> int:
+    """Start `--nproc` local ranks re-running `command` (after `check()` refused nothing), or run
+    `body` in this process's rank.
 
     A preempted run has committed a checkpoint: exit with the requeue code so SLURM requeues it.
     """
@@ -262,7 +263,7 @@ def launch_or_run(command: str, args, rank_argv: list[str], cfg: Config, body) -
     if args.nproc is not None and not env.under_launcher():
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
-        check_finetune_config(cfg)  # refuse before any process starts
+        check()  # refuse before any process starts
         from launch.local import run
 
         return run(args.nproc, [command, *rank_argv])

@@ -218,7 +218,20 @@ def main(argv: list[str]) -> int:
     from vit_scale.evaluate.finetune import launch_or_run
 
     rank_argv = _without_nproc(argv)
-    return launch_or_run("vtab", args, rank_argv, cfg, lambda: _run_tasks(cfg, args, root, run_dir, label))
+    return launch_or_run(
+        "vtab",
+        args,
+        rank_argv,
+        lambda: _check_tasks(cfg, args, root),
+        lambda: _run_tasks(cfg, args, root, run_dir, label),
+    )
+
+
+def _check_tasks(cfg: Config, args, root: str) -> None:
+    from vit_scale.evaluate.finetune import check_finetune_config
+
+    for task in [args.task] if args.task else select_tasks(root, args.tasks):
+        check_finetune_config(task_config(cfg, root, task, args.sweep))
 
 
 def _run_tasks(cfg: Config, args, root: str, run_dir: Path, label: str) -> int:
