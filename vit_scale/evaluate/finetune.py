@@ -21,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from vit_scale.config import Config, ConfigError, load_config, save_config
@@ -167,6 +168,12 @@ def _warmup_fits(cfg: Config) -> None:
     """`train.steps=N` shortens a recipe: keep its warmup the same fraction short of the whole run."""
     steps = cfg.train.steps
     if steps is not None and cfg.schedule.warmup_steps >= steps:
+        on_rank0(
+            print,
+            f"vit-scale: schedule.warmup_steps={cfg.schedule.warmup_steps} is not shorter than train.steps={steps}; "
+            f"warming up for {steps // 10} steps instead",
+            file=sys.stderr,
+        )
         cfg.schedule.warmup_steps = steps // 10
 
 

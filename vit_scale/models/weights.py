@@ -239,6 +239,8 @@ def load_pretrained(path: str | Path, hint: ModelConfig | None = None) -> Pretra
         return _load_file(path, hint)
     inner = _export_dir_file(path)
     if inner is None:
+        if not (path / "checkpoints").is_dir() and (path / "final" / "checkpoints").is_dir():
+            path = path / "final"  # a fine-tune with a learning-rate sweep: its final run
         return _from_checkpoint(path)
     meta: dict = {}
     if (path / "config.json").is_file():
