@@ -62,7 +62,7 @@ def evaluate(
     # [top-1 hits, top-5 hits, samples, multi-label samples]
     counts = torch.zeros(4, dtype=torch.float64)
     batches = loader.num_batches if loader.num_batches > 0 else None
-    with _progress(progress, f"eval {Path(source.rstrip('/')).name}", batches) as advance:
+    with _Progress(progress, f"eval {Path(source.rstrip('/')).name}", batches) as advance:
         for images, labels in loader:
             logits = model(to_model_input(images.to(device))).float().cpu()
             if labels.ndim == 1:
@@ -89,7 +89,7 @@ def evaluate(
     return {"top1": hits1 / n, "top5": hits5 / n, "n": int(n), "bad_samples": loader.bad_samples}
 
 
-class _progress:
+class _Progress:
     """A rich progress bar on rank 0 for long passes; a no-op otherwise."""
 
     def __init__(self, enabled: bool, label: str, total: int | None):

@@ -146,7 +146,8 @@ def fewshot_metrics(model: nn.Module, cfg: Config, rank: int, world_size: int) -
     e = cfg.eval
     device = eval_device()
     copy = plain_copy(model, cfg.model, device)
-    data_cfg = dataclasses.replace(cfg.data, mode="exact", augment="center")
+    # Few-shot sets are single-label even when pretraining is multi-label (JFT-style data.labels=multi).
+    data_cfg = dataclasses.replace(cfg.data, mode="exact", augment="center", labels="int", weights=[])
     img_size = e.img_size or cfg.model.img_size
     out: dict[str, float] = {}
     for train, test in _pairs(e.fewshot_train, e.fewshot_test):
