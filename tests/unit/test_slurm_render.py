@@ -90,12 +90,14 @@ def test_pretrain_every_option(capsys, config, tmp_path):
         f"--chdir={Path.cwd()}",
         f"--output={run_dir}/slurm/%x-%j.out",
     ]
-    srun = next(line for line in out.splitlines() if line.startswith("srun "))
-    assert srun == (
-        f"srun --kill-on-bad-exit=1 {sys.executable} -m vit_scale.cli pretrain {config} "
+    assert "srun --kill-on-bad-exit=1 bash -c '" in out
+    ranks = next(line for line in out.splitlines() if line.startswith('  exit "$rc"\' rank '))
+    assert ranks == (
+        f'  exit "$rc"\' rank {sys.executable} -m vit_scale.cli pretrain {config} '
         f"train.steps=4 --run-dir {run_dir} &"
     )
-    assert f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]' in out
+    assert f'if [ "$rc" -eq {REQUEUE_EXIT_CODE} ]; then touch "$VIT_SCALE_REQUEUE_MARK"' in out
+    assert f'mark={run_dir}/slurm/.requeue-"$SLURM_JOB_ID"' in out
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out
     assert "{{" not in out
 
@@ -253,3 +255,21 @@ def test_submit_without_sbatch_says_what_to_do(config, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="sbatch is not on PATH"):
         slurm.main(["pretrain", str(config), "--gpus-per-node", "0"])
+
+
+@pytest.mark.parametrize(
+    ("rank_exit", "wrapper_exit", "marked"), [(0, 0, False), (3, 3, False), (75, 0, True)]
+)
+def test_rank_wrapper_turns_the_requeue_code_into_a_mark(
+    capsys, config, tmp_path, rank_exit, wrapper_exit, marked
+):
+    """The per-rank wrapper of the template, run by bash as srun would, around a rank exiting with `rank_exit`."""
+    out = dry_run(capsys, "pretrain", str(config), "--gpus-per-node", "0")
+    wrapper = out.split("bash -c '", 1)[1].split("' rank ", 1)[0]
+    mark = tmp_path / "mark"
+    done = subprocess.run(
+        ["bash", "-c", wrapper, "rank", "bash", "-c", f"exit {rank_exit}"],
+        env={"VIT_SCALE_REQUEUE_MARK": str(mark), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == wrapper_exit
+    assert mark.exists() == marked
