@@ -153,3 +153,9 @@ def test_default_output_is_inside_a_single_run(tmp_path, capsys):
     write_metrics(run, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
     assert rep.main([str(run)]) == 0
     assert (run / "report" / "index.html").exists() and (run / "report" / "loss.png").exists()
+
+
+def test_moving_average_is_debiased():
+    assert rep.ema([3.0] * 5, span=9) == pytest.approx([3.0] * 5)  # no pull towards 0 at the start
+    assert rep.ema([2.0, 4.0], span=1) == [2.0, 4.0]
+    assert rep.ema([2.0, 4.0], span=3) == pytest.approx([2.0, 2.5 / 0.75])

@@ -32,10 +32,11 @@ class Panel:
     prefix: str = ""  # or: every key starting with this, one line per run and key
     scale: float = 1.0  # fractions shown as percentages
     log_y: bool = False
+    smooth: bool = False  # noisy per-step values: draw them faint, with a moving average on top
 
 
 PANELS = (
-    Panel("loss", "training loss", ("loss",)),
+    Panel("loss", "training loss", ("loss",), smooth=True),
     Panel("lr", "learning rate", ("lr",)),
     Panel("throughput", "throughput (images / s)", ("images_per_s",)),
     Panel("mfu", "model FLOPs utilisation (%)", ("mfu",), scale=100),
@@ -121,6 +122,19 @@ def _label_runs(runs: list[Run]) -> None:
 
 # ------------------------------------------------------------------ plots
 
+SMOOTH_MIN_POINTS = 50
+
+
+def ema(values: list[float], span: int) -> list[float]:
+    """Exponential moving average with TensorBoard-style debiasing, so the start is not pulled to 0."""
+    alpha = 2 / (span + 1)
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
 
 def _lines(panel: Panel, runs: list[Run]) -> list[tuple[str, int, int, list[int], list[float]]]:
     """(legend label, run index, key index, steps, values) for every run and matching key with numbers."""
@@ -153,16 +167,22 @@ def plot_panel(panel: Panel, runs: list[Run]) -> bytes | None:
     # One colour per run, one line style per key, so a run's few-shot curves read as a family.
     styles = ("-", "--", ":", "-.")
     for label, i, j, xs, ys in lines:
-        ax.plot(
-            xs,
-            ys,
-            label=label,
-            color=f"C{i % 10}",
-            linestyle=styles[j % len(styles)],
-            linewidth=1.4,
-            marker="o" if len(xs) <= 30 else None,
-            markersize=3,
-        )
+        style = dict(color=f"C{i % 10}", linestyle=styles[j % len(styles)])
+        if panel.smooth and len(xs) >= SMOOTH_MIN_POINTS:
+            ax.plot(xs, ys, linewidth=0.8, alpha=0.3, **style)
+            ax.plot(
+                xs, ema(ys, max(10, len(xs) // 10)), label=f"{label} (moving average)", linewidth=1.6, **style
+            )
+        else:
+            ax.plot(
+                xs,
+                ys,
+                label=label,
+                linewidth=1.4,
+                marker="o" if len(xs) <= 30 else None,
+                markersize=3,
+                **style,
+            )
     if panel.log_y and all(y > 0 for *_, ys in lines for y in ys):
         ax.set_yscale("log")
     ax.set_title(panel.title)
