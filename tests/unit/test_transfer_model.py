@@ -61,6 +61,7 @@ def test_bad_finetune_configs_name_the_setting(tmp_path, npz):
     data = write_class_shards(tmp_path / "d", num_classes=3, per_class=1)
     cases = [
         ([], "init=PATH"),
+        ([f"init={tmp_path / 'nope.npz'}"], "does not exist"),
         ([f"init={npz}"], "data.train"),
         ([f"init={npz}", f"data.train={data}", "model.pos_embed_interp=nearest"], "pos_embed_interp"),
         ([f"init={npz}", f"data.train={data}", "sweep.lr=[]", "data.test=x"], "set model.num_classes=3"),

@@ -48,6 +48,10 @@ def check_finetune_config(cfg: Config) -> None:
         raise ConfigError(
             "fine-tuning needs starting weights: set init=PATH (checkpoint, export, .pth or .npz)"
         )
+    if not Path(cfg.init).exists():
+        raise ConfigError(
+            f"init={cfg.init} does not exist; name a checkpoint or run dir, export, .pth or .npz"
+        )
     if not cfg.data.train:
         raise ConfigError("fine-tuning needs data.train=SHARDS")
     if cfg.model.pos_embed_interp not in INTERP:
