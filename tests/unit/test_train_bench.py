@@ -13,6 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
@@ -48,7 +56,16 @@ def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
         capture_output=True,
         text=True,
         timeout=240,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        # one rank started directly, without torch.distributed.run's agent
+        env={
+            "OMP_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
