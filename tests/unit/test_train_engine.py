@@ -95,3 +95,20 @@ def test_losses_and_normalisation():
     assert sigmoid(logits, torch.tensor([[1.0, 0.0, 1.0]])).item() == pytest.approx(want)
     x = normalize(torch.tensor([0, 255], dtype=torch.uint8), torch.float32)
     assert x.tolist() == [-1.0, 1.0]
+
+
+def test_plain_optimizer_guard_skips_non_finite_steps_and_clips_finite_ones():
+    from vit_scale.train.engine import NonFiniteGuard, build_schedule
+
+    cfg = load_config(None, ["schedule.warmup_steps=0", "train.steps=10"])
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=1.0)
+    build_schedule(cfg, opt, 10)
+    guard = NonFiniteGuard(opt, clip=1.0)
+    w.grad = torch.tensor([float("nan"), 0.0])
+    opt.step()
+    assert guard.overflow and opt.overflow and w.tolist() == [1.0, 2.0]
+    w.grad = torch.tensor([3.0, 4.0])  # norm 5, clipped to 1
+    opt.step()
+    assert not opt.overflow and opt._global_grad_norm == pytest.approx(5.0)
+    assert w.tolist() == pytest.approx([1.0 - 0.6, 2.0 - 0.8])

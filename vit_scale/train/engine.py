@@ -221,8 +221,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, total_steps: in
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model, cfg.parallel.checkpoint_every_k_blocks)
     optimizer = build_optimizer(cfg, model)
-    guard = NonFiniteGuard(optimizer, cfg.optim.grad_clip) if uses_plain_optimizer(cfg) else None
     scheduler = build_schedule(cfg, optimizer, total_steps)
+    # After the schedule: it rebinds `optimizer.step` as a method of the optimizer, which the guard is not.
+    guard = NonFiniteGuard(optimizer, cfg.optim.grad_clip) if uses_plain_optimizer(cfg) else None
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
