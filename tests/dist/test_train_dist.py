@@ -257,3 +257,17 @@ def test_sigusr1_commits_a_checkpoint_and_exits_for_requeue(tmp_path, shards):
     assert 3 <= last < 400
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:09d}"
     assert (tmp_path / "checkpoints" / f"step_{last:09d}" / "COMMITTED").is_file()
+
+
+def test_a_passed_deadline_checkpoints_after_the_first_step_and_asks_for_requeue(tmp_path, shards):
+    """VIT_SCALE_DEADLINE (set by launch/env.py from the SLURM end time) already too close: one process
+    commits a checkpoint at the first step boundary and exits with the requeue code."""
+    from vit_scale.train.preempt import REQUEUE_EXIT_CODE
+
+    proc = h.pretrain(
+        tmp_path, shards, "data.workers=0", nproc=0, extra_env={"VIT_SCALE_DEADLINE": str(int(time.time()))}
+    )
+    assert proc.returncode == REQUEUE_EXIT_CODE, h.tail(proc)
+    assert "VIT_SCALE_DEADLINE would pass before the next checkpoint" in proc.stdout + proc.stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000000001"
+    assert sorted(h.losses(tmp_path)) == [1]

@@ -269,7 +269,12 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
                 if log is not None:
                     log.log(record)
             if fewshot is not None and counters.step % cfg.eval.fewshot_every_steps == 0:
+                # Evaluation must not move the training RNG, or a resume that lands between two
+                # evaluations would draw different dropout masks from the uninterrupted run.
+                saved_rng = commit.rng_state()
                 extra = fewshot(engine.module, cfg, r, world)
+                commit.set_rng_state(saved_rng)
+                engine.train()
                 if log is not None:
                     log.log({"step": counters.step, **extra})
             if progress is not None:
@@ -281,15 +286,20 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
             minutes = cfg.checkpoint.every_minutes
             if minutes > 0:
                 to_next = min(to_next, last_save_time + 60 * minutes - time.monotonic())
+            if counters.step == steps:
+                break  # done: the final save below, whatever was requested meanwhile
+            # The deadline test asks: would the run still be writing its next checkpoint at the deadline?
+            # Without a checkpoint schedule, "next" is one more step and a save.
+            horizon = (to_next if math.isfinite(to_next) else 0.0) + step_s + last_save_s
             timed, stop = agree(
                 minutes > 0 and time.monotonic() - last_save_time >= 60 * minutes,
-                watch.stop_requested(to_next + step_s + last_save_s),
+                watch.stop_requested(horizon),
             )
             if stop:
                 if counters.step > last_saved_step:
                     save("preempt")
                 raise Preempted(f"stopped at step {counters.step} for requeue: {watch.reason or 'requested'}")
-            if (due or timed) and counters.step < steps:
+            if due or timed:
                 last_save_s = save("interval")
                 last_save_time, last_saved_step = time.monotonic(), counters.step
         if cfg.checkpoint.save_final and counters.step > last_saved_step:
