@@ -177,9 +177,9 @@ class NonFiniteGuard:
     def step(self, closure=None):
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]).float()
-        flag = torch.tensor([0.0 if torch.isfinite(norm) else 1.0])
+        flag = torch.tensor([0.0 if torch.isfinite(norm) else 1.0], device=norm.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag.to(norm.device), op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.overflow = self.optimizer.overflow = bool(flag.item())
         self._global_grad_norm = self.optimizer._global_grad_norm = norm.item()
         if self.overflow:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 # Exit status meaning "saved and stopped early; requeue this job" (EX_TEMPFAIL). slurm/ templates requeue on it.
@@ -31,6 +32,8 @@ class PreemptionWatch:
         self._previous = {}
         deadline = os.environ.get(DEADLINE_ENV)
         self.deadline = float(deadline) if deadline else None
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; a caller elsewhere keeps its own
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handler)
 
