@@ -159,12 +159,6 @@ def test_two_node_job_pretrains_from_shards(slurm_cluster, baseline):
     assert (run_dir / "slurm" / "pretrain.sbatch").read_text().count("#SBATCH --nodes=2") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PyTorch DataLoader workers install a C SIGTERM handler that kills them, so the rank fails with "
-    "'DataLoader worker ... killed by signal: Terminated' before its step boundary; the pipeline's workers "
-    "should ignore SIGTERM/SIGUSR1 (worker_init_fn) and leave the decision to the rank",
-)
 def test_sigterm_preemption_checkpoints_and_requeues(slurm_cluster, shards, tmp_path):
     """SLURM preempts with SIGTERM to every process of the job (then SIGKILL after KillWait/GraceTime)."""
     run_dir = tmp_path / "run"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -509,6 +510,15 @@ def _fingerprint(sets: list[ShardSet]) -> str:
 # ---- the loader the trainer holds -------------------------------------------------------------------------
 
 
+def _leave_preemption_to_the_rank(_worker_id: int) -> None:
+    """SLURM signals every process of a job step. PyTorch's worker handler dies on SIGTERM, which takes
+    the rank down before it can checkpoint; the workers ignore the preemption signals and the rank
+    decides at its next step boundary. A worker still ends with its rank (DataLoader's parent watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterable of `(images uint8 [B,3,S,S], labels)` for one rank, with an exactly resumable position.
 
@@ -550,6 +560,7 @@ class ShardLoader:
                 # The DataLoader draws its workers' base seed from this generator, not from the global
                 # RNG, so starting an iteration leaves the trainer's RNG streams (and exact resume) alone.
                 generator=torch.Generator().manual_seed(derive_seed(ds.seed, "loader", ds.rank) % 2**63),
+                worker_init_fn=_leave_preemption_to_the_rank,
             )
         else:
             loader = ds
