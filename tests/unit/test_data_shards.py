@@ -267,6 +267,16 @@ def test_build_cifar10_and_cifar100(tmp_path):
         meta = json.loads(t.extractfile(f"{first}.json").read())
         png = t.extractfile(f"{first}.png").read()
     assert meta["coarse_label"] == 0 and meta["coarse_name"] == "c0" and meta["filename"] == "img60.png"
+    # The paper's dev split: a fixed part of CIFAR's training set, the rest still trains.
+    parts = {}
+    for split in ("val", "train"):
+        out = tmp_path / f"c10_holdout_{split}"
+        args = ["shards", "build", str(c10.parent), "--out", str(out), "--split", split, "--val-holdout", "2"]
+        assert vit_scale([*args, "--no-progress"]) == 0
+        parts[split] = all_labels(out)
+    assert len(parts["val"]) == 2 and len(parts["train"]) == 3
+    assert sorted(parts["val"] + parts["train"]) == [0, 1, 2, 3, 4]
+    assert vit_scale(["shards", "build", str(c10.parent), "--out", str(tmp_path / "x"), "--split", "val"]) == 2
     # PNG keeps CIFAR's pixels exactly.
     from vit_scale.data.transforms import decode_rgb
 

@@ -230,8 +230,10 @@ def cifar(src: Path, split: str = "") -> Corpus:
         if (src / sub).is_dir():
             src = src / sub
     split = split or "train"
+    if split in HOLDOUT_SPLITS:  # a dev split is held out of train (the paper: 2% of CIFAR's training set)
+        split = "train"
     if split not in ("train", "test"):
-        raise UserError(f"--split {split!r}: CIFAR has 'train' and 'test'")
+        raise UserError(f"--split {split!r}: CIFAR has 'train' and 'test' (and 'val' with --val-holdout N)")
     if (src / "meta").exists():
         meta = _unpickle(src / "meta")
         files, label_key = [src / split], "fine_labels"
@@ -363,17 +365,22 @@ def _rank_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+HOLDOUT_SPLITS = ("val", "validation", "holdout", "minival")
+
+
 def select(items: list[Item], *, holdout: int, split: str, part: int, parts: int) -> list[Item]:
     """The items one build writes: a fixed held-out subset (or its complement), then one array part.
 
     The held-out set is the `holdout` items whose keys hash lowest: fixed for a corpus, spread over all
     classes, and independent of listing order (big_vision holds out a fixed 51,200 images of IN-21k).
     """
+    if split in HOLDOUT_SPLITS and not holdout:
+        raise UserError(f"--split {split} writes the held-out images: give their number with --val-holdout N")
     if holdout:
         if holdout >= len(items):
             raise UserError(f"--val-holdout {holdout} is not smaller than the corpus ({len(items)} images)")
         held = {id(it) for it in sorted(items, key=lambda it: _rank_key(it.key))[:holdout]}
-        want_held = split in ("val", "validation", "holdout", "minival")
+        want_held = split in HOLDOUT_SPLITS
         items = [it for it in items if (id(it) in held) == want_held]
     if parts > 1:
         items = items[part::parts]
