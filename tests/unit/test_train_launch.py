@@ -125,3 +125,19 @@ def test_pretrain_refuses_a_bad_config_before_starting_any_process(tmp_path, cap
     assert not (tmp_path / "run").exists()
     assert main(["pretrain", tiny, "parallel.zero_stag=2", "--run-dir", str(tmp_path / "run")]) == 2
     assert "did you mean parallel.zero_stage" in capsys.readouterr().err
+
+
+def test_local_group_stops_on_a_ranks_user_error_instead_of_restarting(tmp_path):
+    """A rank's exit 2 is final: restarting would print the same error max_restarts more times."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vit_scale.cli", "pretrain", "configs/pretrain/tiny_cpu.yaml",
+         f"data.train={tmp_path / 'missing'}", "--nproc", "2", "--max-restarts", "3",
+         "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count(f"shard source {tmp_path / 'missing'} does not exist") == 2  # once per rank
+    assert "restarting the group" not in proc.stderr
