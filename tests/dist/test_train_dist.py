@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vit_scale.observe import metrics
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_helpers as h  # noqa: E402
 
@@ -81,20 +83,7 @@ def test_golden_losses_and_run_directory(reference):
     assert (reference / "checkpoints" / "latest").read_text().strip() == "step_000000040"
     assert (reference / "config.yaml").is_file()
     rec = next(r for r in h.records(reference) if r["step"] == 39 and "loss" in r)
-    for name in (
-        "epoch",
-        "samples",
-        "lr",
-        "grad_norm",
-        "loss_scale",
-        "skipped_steps",
-        "images_per_s",
-        "images_per_s_per_rank",
-        "data_wait_frac",
-        "tflops_per_device",
-        "mfu",
-        "peak_mem_gb",
-    ):
+    for name in metrics.METRIC_NAMES:
         assert rec[name] is not None, name
     assert rec["samples"] == 39 * 8 and rec["epoch"] == pytest.approx(39 * 8 / 64)
     assert rec["images_per_s_per_rank"] == pytest.approx(rec["images_per_s"] / 2)

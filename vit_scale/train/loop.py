@@ -25,6 +25,7 @@ from vit_scale.checkpoint import commit
 from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
 from vit_scale.dist import is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
+from vit_scale.evaluate.fewshot import fewshot_metrics
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
 from vit_scale.train.engine import build_engine, device, init_distributed
@@ -98,16 +99,6 @@ def agree(*flags: bool) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], device=device() if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
-
-
-def next_batches(data_iter, count: int) -> list:
-    """The next `count` batches, without touching the training RNG: the DataLoader draws a seed from
-    torch's global generator when its workers start, which happens at the first step of each process,
-    so a resumed run would otherwise see different dropout masks from the uninterrupted one."""
-    state = torch.get_rng_state()
-    batches = [next(data_iter) for _ in range(count)]
-    torch.set_rng_state(state)
-    return batches
 
 
 def model_dtype(cfg: Config) -> torch.dtype:
@@ -214,7 +205,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
         model_dims(cfg.model), cfg.model.img_size, cfg.model.num_classes, cfg.model.pool != "avg"
     )
     peak = metrics.peak_tflops(cfg.logging.peak_tflops)
-    fewshot = _fewshot_hook(cfg)
+    fewshot = fewshot_metrics if cfg.eval.fewshot_every_steps > 0 else None
 
     def save(reason: str) -> float:
         t0 = time.perf_counter()
@@ -246,7 +237,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     try:
         while counters.step < steps:
             t0 = time.perf_counter()
-            batches = next_batches(data_iter, accum)
+            batches = [next(data_iter) for _ in range(accum)]
             t_data = time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
             loss = train_step(engine, batches, loss_fn, dtype)
@@ -367,21 +358,6 @@ class Window:
         self.last_loss, self.last_images_per_s = loss, rec["images_per_s"]
         self.losses, self.seconds, self.data_seconds = [], 0.0, 0.0
         return rec
-
-
-def _fewshot_hook(cfg: Config):
-    if cfg.eval.fewshot_every_steps <= 0:
-        return None
-    try:
-        from vit_scale.evaluate.fewshot import fewshot_metrics
-    except ImportError:
-        on_rank0(
-            print,
-            "vit-scale: few-shot evaluation is not available in this install; skipping it",
-            file=sys.stderr,
-        )
-        return None
-    return fewshot_metrics
 
 
 class _Progress:
