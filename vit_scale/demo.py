@@ -17,8 +17,8 @@ that is not installed yet is reported as skipped; a stage that fails is reported
 and the stages that need its output are skipped.
 
 The size knobs (see `vit-scale demo --help`) scale every stage. With the defaults, measured 2026-11-26 on
-a 2-core AMD EPYC box shared with other work: corpora 40 s, pretraining 187 s (223 images/s), each
-fine-tune about 157 s, each few-shot 15 s, 9.6 minutes in all. Pretraining and fine-tuning time scale
+a 2-core AMD EPYC VM shared with other work (load ~3.5): corpora 24 s, pretraining 273 s (250 images/s),
+each fine-tune about 220 s, each few-shot 13 s, 12.8 minutes in all. Pretraining and fine-tuning time scale
 with --pretrain-steps and --finetune-steps; the corpus with --classes x --per-class.
 """
 
@@ -49,12 +49,12 @@ class Knobs:
     """The demo's size: every stage's cost follows from these."""
 
     out: Path = Path("runs/demo")
-    classes: int = 50  # fractal categories
-    per_class: int = 200  # instances per category
+    classes: int = 20  # fractal categories: few enough to be learnt in the demo's pretraining steps
+    per_class: int = 400  # instances per category
     pretrain_size: int = 24  # pretraining resolution (px)
     finetune_size: int = 32  # fine-tuning resolution (px): higher, so position embeddings are resampled
-    pretrain_steps: int = 500
-    finetune_steps: int = 600
+    pretrain_steps: int = 600
+    finetune_steps: int = 400
     nproc: int = 2  # local processes for pretraining (ZeRO-2 shards optimizer state and gradients over them)
     workers: int | None = None  # processes for corpus generation (default: all cores)
 
