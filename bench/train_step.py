@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vit_scale.config import load_config  # noqa: E402
+from vit_scale.data.transforms import to_model_input  # noqa: E402
 from vit_scale.models import build_model, model_dims, train_flops  # noqa: E402
 from vit_scale.observe.metrics import peak_memory_gb, peak_tflops  # noqa: E402
 from vit_scale.train.engine import (  # noqa: E402
@@ -36,7 +37,7 @@ from vit_scale.train.engine import (  # noqa: E402
     device,
     init_distributed,
 )
-from vit_scale.train.loop import loss_function, normalize, train_step  # noqa: E402
+from vit_scale.train.loop import loss_function, train_step  # noqa: E402
 
 
 def config(args, **extra):
@@ -122,7 +123,7 @@ class Plain:
 
     def __call__(self):
         with torch.autocast(device().type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(normalize(self.images, torch.float32))
+            logits = self.model(to_model_input(self.images, torch.float32))
         loss = self.loss_fn(logits.float(), self.labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

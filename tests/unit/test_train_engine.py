@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vit_scale.config import ConfigError, load_config
+from vit_scale.data.transforms import to_model_input
 from vit_scale.train.engine import deepspeed_config, lr_multiplier, param_groups
-from vit_scale.train.loop import loss_function, normalize, total_steps
+from vit_scale.train.loop import loss_function, total_steps
 
 
 def test_warmup_then_linear_decay_to_zero():
@@ -93,7 +94,7 @@ def test_losses_and_normalisation():
         for z, y in zip([2.0, 0.0, -1.0], [1, 0, 1])
     )
     assert sigmoid(logits, torch.tensor([[1.0, 0.0, 1.0]])).item() == pytest.approx(want)
-    x = normalize(torch.tensor([0, 255], dtype=torch.uint8), torch.float32)
+    x = to_model_input(torch.tensor([0, 255], dtype=torch.uint8), torch.float32)
     assert x.tolist() == [-1.0, 1.0]
 
 

@@ -155,3 +155,11 @@ def make_mixup(mixup: float, cutmix: float, num_classes: int, label_smoothing: f
     return Mixup(
         mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes
     )
+
+
+def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [0, 255] pixels -> [-1, 1] (mean = std = 0.5, as the paper's code), computed in fp32.
+
+    Training and every evaluation use this one function, so their inputs cannot drift apart.
+    """
+    return (images.float() / 127.5 - 1.0).to(dtype)

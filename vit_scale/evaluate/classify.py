@@ -8,7 +8,6 @@ fine-tuned checkpoint, an export, timm or .npz weights) and writes results.json 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -36,20 +35,12 @@ def evaluate(
 
     Each rank scores its share; the counts are summed across ranks, so every rank returns the totals.
     """
-    from vit_scale.data.pipeline import make_loader
-    from vit_scale.evaluate.common import eval_device, to_model_input
+    from vit_scale.data.transforms import to_model_input
+    from vit_scale.evaluate.common import eval_device, eval_loader
 
     device = device or eval_device()
-    data_cfg = dataclasses.replace(data_cfg, mode="exact", augment="center")
-    loader = make_loader(
-        source,
-        data_cfg,
-        train=False,
-        img_size=img_size,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=0,
+    loader = eval_loader(
+        source, data_cfg, img_size=img_size, batch_size=batch_size, rank=rank, world_size=world_size
     )
     head = getattr(model, "num_classes", 0)
     if loader.num_classes > 0 and head and loader.num_classes > head:

@@ -10,19 +10,26 @@ import torch.distributed as dist
 from torch import nn
 
 from vit_scale.config.schema import ModelConfig
-from vit_scale.dist import local_rank
 from vit_scale.models import build_model
+from vit_scale.train.engine import device as eval_device
 
 SPLIT_NAMES = {"train", "val", "test", "validation", "train800", "val200", "train800val200", "minival"}
 
 
-def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] pixels scaled to [-1, 1], the paper's input range (and the trainer's)."""
-    return images.to(dtype).div_(127.5).sub_(1.0)
+def eval_loader(source: str, data_cfg, *, img_size: int, batch_size: int, rank: int, world_size: int):
+    """One unaugmented pass over `source`, every sample once across ranks (resize + centre crop)."""
+    from vit_scale.data.pipeline import make_loader
 
-
-def eval_device() -> torch.device:
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return make_loader(
+        source,
+        data_cfg,
+        train=False,
+        img_size=img_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+    )
 
 
 def dataset_name(source: str) -> str:

@@ -99,18 +99,11 @@ def extract(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of every sample of `source`, gathered from all ranks."""
-    from vit_scale.data.pipeline import make_loader
-    from vit_scale.evaluate.common import features, gather_rows, to_model_input
+    from vit_scale.data.transforms import to_model_input
+    from vit_scale.evaluate.common import eval_loader, features, gather_rows
 
-    loader = make_loader(
-        source,
-        data_cfg,
-        train=False,
-        img_size=img_size,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=0,
+    loader = eval_loader(
+        source, data_cfg, img_size=img_size, batch_size=batch_size, rank=rank, world_size=world_size
     )
     feats, labels = [], []
     for images, y in loader:

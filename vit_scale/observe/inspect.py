@@ -196,7 +196,7 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 
 def inspect(weights: str, out: str | Path, image_paths: list[str] = (), noise_images: int = 4, seed: int = 0):
     """Write the pictures into `out`; the written paths by name, and the numbers behind them."""
-    from vit_scale.evaluate.common import to_model_input
+    from vit_scale.data.transforms import to_model_input
     from vit_scale.models.weights import build_pretrained, load_pretrained
 
     model = build_pretrained(load_pretrained(weights)).eval()

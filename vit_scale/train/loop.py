@@ -23,6 +23,7 @@ from torch import nn
 
 from vit_scale.checkpoint import commit
 from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
+from vit_scale.data.transforms import to_model_input
 from vit_scale.dist import is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.evaluate.fewshot import fewshot_metrics
@@ -81,11 +82,6 @@ def loss_function(cfg: Config):
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [0, 255] -> [-1, 1] on the device (mean = std = 0.5, as the paper's code)."""
-    return (images.float() / 127.5 - 1.0).to(dtype)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -115,7 +111,7 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
     for images, labels in batches:
         images = images.to(engine.device, non_blocking=True)
         labels = labels.to(engine.device, non_blocking=True)
-        logits = engine(normalize(images, dtype))
+        logits = engine(to_model_input(images, dtype))
         loss = loss_fn(logits.float(), labels)
         engine.backward(loss)
         engine.step()
