@@ -85,3 +85,39 @@ def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
         assert r["images_per_s"] > 0
         assert r["mfu"] == pytest.approx(r["images_per_s"] * flops / 1e12 / 0.001, rel=2e-3, abs=1e-3)
     assert "| ours ZeRO-1 + act-ckpt" in proc.stdout
+
+
+def test_cpu_comparison_runs_both_loops_on_two_ranks_and_reports_their_ratio(tmp_path):
+    """`bench/train_step.py cpu` at a tiny size: both loops ran on 2 gloo ranks, and the ratio and the
+    extra milliseconds per step are the ones the two rates give."""
+    out = tmp_path / "cpu.json"
+    tiny = ["--width", "32", "--depth", "1", "--heads", "2", "--img", "32", "--batch", "4"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_step.py"),
+            "cpu",
+            *tiny,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["world_size"], r["zero_stage"], r["micro_batch_per_rank"]) == (2, 1, 4)
+    assert r["ours_images_per_s"] > 0 and r["ddp_images_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["ours_images_per_s"] / r["ddp_images_per_s"], abs=2e-3)
+    extra = 1000 * 8 * (1 / r["ours_images_per_s"] - 1 / r["ddp_images_per_s"])
+    assert r["extra_ms_per_step"] == pytest.approx(extra, rel=1e-2, abs=0.2)
+    assert f"ratio {r['ratio']}" in proc.stdout

@@ -124,8 +124,16 @@ def test_activation_checkpointing_every_kth_block_recomputes_only_those_and_keep
     from vit_scale.train.engine import apply_activation_checkpointing
 
     cfg = ModelConfig(
-        variant="vit_ti16", num_classes=3, img_size=16, patch=8, depth=5, width=32, mlp=64, heads=2,
-        dropout=0.1, drop_path=0.1,
+        variant="vit_ti16",
+        num_classes=3,
+        img_size=16,
+        patch=8,
+        depth=5,
+        width=32,
+        mlp=64,
+        heads=2,
+        dropout=0.1,
+        drop_path=0.1,
     )
     x, y = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
 
