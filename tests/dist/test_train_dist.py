@@ -4,6 +4,7 @@ the 40-step ZeRO-1 run is the golden-loss run and the reference for the kill/res
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -214,6 +215,58 @@ def test_time_based_checkpoints_commit_when_their_interval_has_passed(tmp_path, 
     assert saves == [(1, "interval"), (2, "interval"), (3, "interval"), (4, "final")]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert ckpts == ["step_000000003", "step_000000004"]
+
+
+def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exactly(
+    tmp_path, shards, reference
+):
+    """The reference's step-20 checkpoint (2 ranks, ZeRO-1) resumed by 1 process: weights, Adam state and
+    schedule arrive whole through DeepSpeed's universal checkpoint; the data and random streams restart for
+    the new layout under a seed recorded in the checkpoint, so a later resume of the 1-process run is exact."""
+    step20 = reference / "checkpoints" / "step_000000020"
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("reshard_worker.py")),
+            str(h.TINY),
+            str(step20),
+            str(tmp_path),
+            *STEPS_40,
+        ],
+        cwd=h.ROOT,
+        env=h.env(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port())
+        ),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert loaded.returncode == 0, h.tail(loaded)
+    got = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert got["own"] is None and got["step"] == got["scheduler_epoch"] == 20
+    assert got["weights_equal"] and got["adam_steps"] == [20]
+    assert got["exp_avg_sq_sum"] == pytest.approx(got["shards_exp_avg_sq_sum"], rel=1e-12)
+    assert got["scratch_left"] == []  # the converted copy is gone once loaded
+
+    one, again = tmp_path / "one", tmp_path / "again"
+    args = ("train.steps=40", "checkpoint.every_steps=10", "data.workers=0")
+    proc = h.pretrain(one, shards, *args, f"resume={step20}", nproc=0)
+    assert proc.returncode == 0, h.tail(proc)
+    assert "written by 2 processes and 1 run now" in proc.stderr
+    losses = h.losses(one)
+    assert sorted(losses) == list(range(21, 41))
+    ref = h.records(reference)
+    lr = {r["step"]: r["lr"] for r in h.records(one) if "lr" in r}
+    assert all(lr[s] == next(r["lr"] for r in ref if r["step"] == s and "lr" in r) for s in (21, 40))
+    assert (
+        json.loads((one / "checkpoints" / "step_000000040" / "manifest.json").read_text())["world_size"] == 1
+    )
+
+    proc = h.pretrain(again, shards, *args, f"resume={one / 'checkpoints' / 'step_000000030'}", nproc=0)
+    assert proc.returncode == 0, h.tail(proc)
+    assert "re-sharded" not in proc.stderr
+    assert h.losses(again) == {s: losses[s] for s in range(31, 41)}
+    assert h.same_weights(h.weights(one), h.weights(again))
 
 
 def test_nan_on_one_rank_skips_everywhere_then_halts(tmp_path, shards):

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from train_helpers import free_port  # noqa: E402
 
 
 def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
@@ -64,7 +58,7 @@ def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
             "LOCAL_RANK": "0",
             "WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(free_port()),
         },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

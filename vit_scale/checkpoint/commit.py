@@ -261,33 +261,93 @@ def select_everywhere(path: Path) -> Selection:
 # ---------------------------------------------------------------- loading
 
 
-def check_world_size(ckpt: Path, manifest: dict, now: int) -> None:
-    saved = manifest["world_size"]
-    if saved == now:
-        return
-    raise CheckpointError(
-        f"{ckpt} was written by {saved} processes but {now} are running now. Its ZeRO stage-"
-        f"{manifest['zero_stage']} optimizer shards and per-rank data positions belong to {saved} ranks, so "
-        f"loading them here would mis-shard the state. Options: resume with {saved} processes "
-        f"(--nproc {saved} or the same SLURM layout); or start a new run from its weights with "
-        f"`vit-scale export {ckpt} --out DIR` and init=DIR (optimizer state and data position start afresh); "
-        f"or convert it with DeepSpeed's universal checkpoint tool (python -m deepspeed.checkpoint.ds_to_universal) "
-        f"and load that through DeepSpeed yourself"
-    )
+UNIVERSAL_DIR = ".universal"  # under checkpoints/: a converted copy, alive only while it is being loaded
 
 
-def load(engine, ckpt: Path, *, load_optimizer: bool = True) -> tuple[dict, dict]:
-    """Restore `ckpt` into `engine`; returns (trainer state, this rank's own state)."""
+def _universal_copy(ckpt: Path, scratch: Path) -> Path:
+    """Rank 0 converts `ckpt`'s ZeRO shards with DeepSpeed's ds_to_universal into scratch/.universal/; the
+    path (or the conversion's error) reaches every rank. A copy left by an interrupted resume is replaced."""
+    out = scratch / UNIVERSAL_DIR / ckpt.name
+    box: list = [None]
+    if is_rank0():
+        import contextlib
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(scratch / UNIVERSAL_DIR, ignore_errors=True)
+        log = io.StringIO()
+        args = Namespace(
+            input_folder=str(ckpt),
+            output_folder=str(out),
+            num_extract_workers=1,  # in this process: a rank should not fork a pool
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+            box[0] = str(out)
+        except Exception as e:  # noqa: BLE001 - any failure becomes one message on every rank
+            box[0] = f"error: DeepSpeed's universal checkpoint conversion of {ckpt} failed: {e!r}\n{log.getvalue()[-2000:]}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0].startswith("error: "):
+        raise CheckpointError(box[0][len("error: ") :])
+    return Path(box[0])
+
+
+def load(
+    engine, ckpt: Path, *, load_optimizer: bool = True, scratch: Path | None = None
+) -> tuple[dict, dict | None]:
+    """Restore `ckpt` into `engine`; returns (trainer state, this rank's own state).
+
+    A checkpoint written by another number of processes has ZeRO shards and per-rank data positions that
+    belong to other ranks. Its weights, optimizer state and schedule then go through DeepSpeed's universal
+    checkpoint (converted into `scratch`, loaded, deleted), and this rank's own state comes back as None:
+    the caller starts a new data stream and new random streams for the new layout.
+    """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
-    check_world_size(ckpt, manifest, world_size())
-    path, client = engine.load_checkpoint(
-        str(ckpt.parent),
-        tag=ckpt.name,
-        load_optimizer_states=load_optimizer,
-        load_lr_scheduler_states=load_optimizer,
-    )
+    saved, now = manifest["world_size"], world_size()
+    if saved == now:
+        path, client = engine.load_checkpoint(
+            str(ckpt.parent),
+            tag=ckpt.name,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {ckpt}")
+        own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
+        return client["trainer"], own
+
+    if not any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
+        # No ZeRO shards (stage 0 in fp32): the optimizer state sits whole in the model-states file.
+        source = ckpt
+    else:
+        source = _universal_copy(ckpt, scratch if scratch is not None else ckpt.parent)
+    engine._config.load_universal_checkpoint = source is not ckpt
+    try:
+        path, client = engine.load_checkpoint(
+            str(source.parent),
+            tag=source.name,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+        )
+    except Exception as e:  # noqa: BLE001 - DeepSpeed's own errors name its internals, not the options
+        raise CheckpointError(
+            f"{ckpt} was written by {saved} processes and could not be loaded by {now} ({e!r}). Options: resume "
+            f"with {saved} processes (--nproc {saved} or the same SLURM layout); or start a new run from its "
+            f"weights with `vit-scale export {ckpt} --out DIR` and init=DIR"
+        ) from e
+    finally:
+        engine._config.load_universal_checkpoint = False
+        barrier()
+        if source is not ckpt and is_rank0():
+            shutil.rmtree(source.parent, ignore_errors=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-    own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
-    return client["trainer"], own
+    return client["trainer"], None

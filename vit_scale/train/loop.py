@@ -47,6 +47,17 @@ class Counters:
     consecutive_skips: int = 0
     wandb_id: str | None = None
     job_ids: list[str] = field(default_factory=list)  # the launcher's job ids (SLURM requeues), in order
+    # The seed of the data and random streams: train.seed until a resume with another number of processes
+    # starts new streams for the new layout (see `reseed_for`).
+    stream_seed: int | None = None
+
+
+def reseed_for(counters: Counters, seed: int, world: int) -> int:
+    """The stream seed after resuming at `counters.step` with `world` processes: a pure function of the
+    run's history, so a later resume with the same layout rebuilds the same streams."""
+    from vit_scale.data.pipeline import derive_seed
+
+    return derive_seed(seed, "world", world, "step", counters.step) % 2**31
 
 
 # ---------------------------------------------------------------- pieces
@@ -133,16 +144,19 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     micro, accum = resolve_batch(cfg.train, world)
 
     # ---- data
-    loader = make_loader(
-        cfg.data.train,
-        cfg.data,
-        train=True,
-        img_size=cfg.model.img_size,
-        batch_size=micro,
-        rank=r,
-        world_size=world,
-        seed=cfg.train.seed,
-    )
+    def train_loader(seed: int):
+        return make_loader(
+            cfg.data.train,
+            cfg.data,
+            train=True,
+            img_size=cfg.model.img_size,
+            batch_size=micro,
+            rank=r,
+            world_size=world,
+            seed=seed,
+        )
+
+    loader = train_loader(cfg.train.seed)
     steps = total_steps(cfg, loader.num_samples)
     multi = cfg.data.labels == "multi"
     if multi and loader.num_classes != cfg.model.num_classes:
@@ -173,11 +187,27 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     if cfg.resume and chosen.path is None:
         raise UserError(f"resume={cfg.resume}: no committed checkpoint there")
     if chosen.path is not None:
-        saved, own = commit.load(engine, chosen.path)
+        saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
         counters = Counters(**saved)
-        loader.load_state_dict(own["data"])
-        commit.set_rng_state(own["rng"])
         on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
+        if own is None:  # written by another number of processes: new data and random streams
+            before = commit.read_manifest(chosen.path)["world_size"]
+            counters.stream_seed = reseed_for(counters, cfg.train.seed, world)
+            on_rank0(
+                print,
+                f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
+                f"optimizer state and schedule were re-sharded for {world} (DeepSpeed's universal checkpoint); the data order "
+                f"and random streams start afresh for the new layout (samples already seen in the current "
+                f"epoch may be seen again), so this run will not match an uninterrupted one bit for bit",
+                file=sys.stderr,
+            )
+        if counters.stream_seed is not None:
+            loader = train_loader(counters.stream_seed)
+        if own is None:
+            seed_everything(counters.stream_seed * 1000 + r + 1)
+        else:
+            loader.load_state_dict(own["data"])
+            commit.set_rng_state(own["rng"])
 
     # ---- logging
     job = os.environ.get("VIT_SCALE_JOB_ID")
