@@ -291,7 +291,9 @@ def _universal_copy(ckpt: Path, scratch: Path) -> Path:
                 ds_to_universal.main(args)
             box[0] = str(out)
         except Exception as e:  # noqa: BLE001 - any failure becomes one message on every rank
-            box[0] = f"error: DeepSpeed's universal checkpoint conversion of {ckpt} failed: {e!r}\n{log.getvalue()[-2000:]}"
+            box[0] = (
+                f"error: DeepSpeed's universal checkpoint conversion of {ckpt} failed: {e!r}\n{log.getvalue()[-2000:]}"
+            )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     if box[0].startswith("error: "):

@@ -196,7 +196,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
             on_rank0(
                 print,
                 f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
-                f"optimizer state and schedule were re-sharded for {world} (DeepSpeed's universal checkpoint); the data order "
+                f"optimizer state and schedule were re-sharded for {world}; the data order "
                 f"and random streams start afresh for the new layout (samples already seen in the current "
                 f"epoch may be seen again), so this run will not match an uninterrupted one bit for bit",
                 file=sys.stderr,
