@@ -52,12 +52,12 @@ class Counters:
     stream_seed: int | None = None
 
 
-def reseed_for(counters: Counters, seed: int, world: int) -> int:
-    """The stream seed after resuming at `counters.step` with `world` processes: a pure function of the
-    run's history, so a later resume with the same layout rebuilds the same streams."""
+def reseed_for(seed: int, world: int, step: int) -> int:
+    """The stream seed after resuming at `step` with `world` processes. Kept in the checkpoints that
+    follow, so a later resume with the same layout rebuilds the same streams."""
     from vit_scale.data.pipeline import derive_seed
 
-    return derive_seed(seed, "world", world, "step", counters.step) % 2**31
+    return derive_seed(seed, "world", world, "step", step) % 2**31
 
 
 # ---------------------------------------------------------------- pieces
@@ -190,24 +190,24 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
         saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
         counters = Counters(**saved)
         on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
-        if own is None:  # written by another number of processes: new data and random streams
+        if own is not None:
+            if counters.stream_seed is not None:  # the streams of an earlier change of layout
+                loader = train_loader(counters.stream_seed)
+            loader.load_state_dict(own["data"])
+            commit.set_rng_state(own["rng"])
+        else:  # written by another number of processes: new data and random streams for this layout
+            counters.stream_seed = reseed_for(cfg.train.seed, world, counters.step)
+            loader = train_loader(counters.stream_seed)
+            seed_everything(counters.stream_seed * 1000 + r + 1)
             before = commit.read_manifest(chosen.path)["world_size"]
-            counters.stream_seed = reseed_for(counters, cfg.train.seed, world)
             on_rank0(
                 print,
                 f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
-                f"optimizer state and schedule were re-sharded for {world}; the data order "
-                f"and random streams start afresh for the new layout (samples already seen in the current "
-                f"epoch may be seen again), so this run will not match an uninterrupted one bit for bit",
+                f"optimizer state and schedule were re-sharded for {world}; the data order and random streams "
+                f"start afresh for the new layout (samples already seen in the current epoch may be seen "
+                f"again), so this run will not match an uninterrupted one bit for bit",
                 file=sys.stderr,
             )
-        if counters.stream_seed is not None:
-            loader = train_loader(counters.stream_seed)
-        if own is None:
-            seed_everything(counters.stream_seed * 1000 + r + 1)
-        else:
-            loader.load_state_dict(own["data"])
-            commit.set_rng_state(own["rng"])
 
     # ---- logging
     job = os.environ.get("VIT_SCALE_JOB_ID")
