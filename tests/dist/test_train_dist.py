@@ -197,6 +197,16 @@ def test_cpu_offload_trains_like_the_golden_run_and_resumes_exactly(tmp_path, sh
     assert sorted(again) == [4, 5, 6] and all(again[s] == got[s] for s in again)
     assert h.same_weights(h.weights(first), h.weights(second))
 
+    # Re-sharding for one process converts the optimizer state through DeepSpeed's universal format, which
+    # keeps DeepSpeedCPUAdam's form: dropping the offload in the same resume is refused before any step.
+    step3 = first / "checkpoints" / "step_000000003"
+    proc = h.pretrain(
+        tmp_path / "third", shards, *args, "parallel.offload_optimizer=false", f"resume={step3}", nproc=0
+    )
+    assert proc.returncode == 2, h.tail(proc)
+    assert "written by 2 processes with parallel.offload_optimizer=true" in proc.stderr
+    assert "Traceback" not in proc.stderr and not h.losses(tmp_path / "third")
+
 
 def test_time_based_checkpoints_commit_when_their_interval_has_passed(tmp_path, shards):
     """checkpoint.every_minutes alone (every_steps=0): an interval far below one step's time makes every

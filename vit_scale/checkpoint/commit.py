@@ -326,6 +326,15 @@ def load(
         own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
         return client["trainer"], own
 
+    was_offloaded = bool(manifest.get("config", {}).get("parallel", {}).get("offload_optimizer"))
+    if load_optimizer and was_offloaded != engine.zero_use_cpu_optimizer():
+        # DeepSpeedCPUAdam and torch's AdamW keep their state in different forms, which only the
+        # same-layout load converts.
+        raise CheckpointError(
+            f"{ckpt} was written by {saved} processes with parallel.offload_optimizer={str(was_offloaded).lower()}; "
+            f"to resume it with {now}, keep parallel.offload_optimizer={str(was_offloaded).lower()} (change it in "
+            f"a later resume with {now} processes), or resume with {saved} processes"
+        )
     if not any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
         # No ZeRO shards (stage 0 in fp32): the optimizer state sits whole in the model-states file.
         source = ckpt
