@@ -279,6 +279,38 @@ def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exact
     assert h.same_weights(h.weights(one), h.weights(again))
 
 
+def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path, shards):
+    """SIGSTOP one rank mid-run: the other's next collective times out after parallel.timeout_minutes, also in
+    DeepSpeed's own process groups, and the rank leaves with a message, not a traceback, and without
+    waiting on its data workers; the launcher then ends the frozen rank, and the job exits instead of hanging."""
+    proc = subprocess.Popen(
+        h.pretrain_cmd(tmp_path, shards, "train.steps=100000", "parallel.timeout_minutes=0.1"),
+        cwd=h.ROOT,
+        env=h.env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and max(h.losses(tmp_path), default=0) < 3:
+            time.sleep(0.05)
+        ranks = h.children(proc.pid)
+        assert len(ranks) == 2, "the run did not reach step 3 with two ranks"
+        os.kill(ranks[-1], signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - frozen_at
+    finally:
+        h.kill_run(proc)
+    assert proc.returncode == 1, err[-3000:]
+    assert "a collective operation failed" in err and "parallel.timeout_minutes=0.1 bounds" in err
+    assert "Traceback" not in err
+    # 6 s of collective timeout, then up to 30 s that the launcher gives the frozen rank to end on SIGTERM
+    assert took < 75, f"the job took {took:.0f} s to end after the freeze"
+
+
 def test_nan_on_one_rank_skips_everywhere_then_halts(tmp_path, shards):
     """Rank 1's output is NaN at step 3 and from step 8 on; max 3 consecutive skips."""
     run = tmp_path / "run"

@@ -519,6 +519,29 @@ def _leave_preemption_to_the_rank(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def _kill_leftover_workers() -> None:
+    """At the rank's exit. Python's multiprocessing ends daemonic children with SIGTERM, which these
+    workers ignore, and then joins them: a rank leaving on an error with its workers alive would wait
+    forever (their parent watchdog sees the rank still there). Runs before that, being registered later."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import atexit
+
+        atexit.register(_kill_leftover_workers)
+        _exit_hook_registered = True
+
+
 class ShardLoader:
     """Iterable of `(images uint8 [B,3,S,S], labels)` for one rank, with an exactly resumable position.
 
@@ -551,6 +574,7 @@ class ShardLoader:
         self._restored = False
         ds.rotation = self.batches % ds.workers if ds.train else 0
         if self._ds.cfg.workers > 0:
+            _register_exit_hook()
             loader = DataLoader(
                 ds,
                 batch_size=None,

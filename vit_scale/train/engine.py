@@ -46,11 +46,15 @@ def init_distributed(cfg: Config) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(
-        dist_backend=backend_name(cfg),
-        auto_mpi_discovery=False,
-        timeout=timedelta(minutes=cfg.parallel.timeout_minutes),
-    )
+    timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
+    # DeepSpeed builds its own groups (a clone of the world group for ZeRO's collectives) with
+    # `new_group(ranks)` and no timeout, which gets torch's default of 30 minutes (10 for nccl) instead of
+    # ours: a frozen rank would then hold the others that long. New groups take the default from here.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend_name(cfg), auto_mpi_discovery=False, timeout=timeout)
 
 
 def _free_port() -> int:

@@ -37,6 +37,18 @@ class TrainingHalted(UserError):
     """Too many consecutive non-finite steps: the run cannot make progress as configured."""
 
 
+class PeerLost(UserError):
+    """A collective timed out or lost its connection: another rank is frozen or has died."""
+
+    exit_code = 1  # a crash, not bad input: a launcher may restart the job, which then resumes
+
+    SIGNS = ("timed out", "connection closed", "connection reset", "broken pipe")
+
+    @classmethod
+    def matches(cls, e: BaseException) -> bool:
+        return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in cls.SIGNS)
+
+
 @dataclass
 class Counters:
     """What the loop itself adds to a checkpoint (DeepSpeed saves model, optimizer and schedule)."""
@@ -321,7 +333,17 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
                 last_save_time, last_saved_step = time.monotonic(), counters.step
         if cfg.checkpoint.save_final and counters.step > last_saved_step:
             save("final")
+    except RuntimeError as e:
+        if not PeerLost.matches(e):
+            raise
+        detail = str(e).strip().splitlines()[-1][-200:]
+        raise PeerLost(
+            f"rank {r} at step {counters.step + 1}: a collective operation failed ({detail}). Another rank is "
+            f"frozen or has died; parallel.timeout_minutes={cfg.parallel.timeout_minutes:g} bounds how long the "
+            f"others wait for it. Run the same command again to resume from the last committed checkpoint"
+        ) from None
     finally:
+        data_iter.close()  # stops the DataLoader workers now, whether the loop ended or raised
         watch.restore()
         if progress is not None:
             progress.close()
