@@ -1,10 +1,14 @@
 """Checkpoint save time through the commit protocol, and how long the training loop stalls for it.
 
-    python bench/ckpt_save.py [--variant vit_b16] [--zero 1] [--dir /tmp/ckpt-bench]
+    python bench/ckpt_save.py [--variant vit_b16] [--zero 1] [--dir /tmp/ckpt-bench] [--reshard]
 
 One rank, the real DeepSpeed engine after one training step (so the optimizer state exists). Saves are
 synchronous, so the stall is the whole save: DeepSpeed's shard writes, this rank's file, the manifest
 (sha256 of every file, the largest share on big checkpoints), COMMITTED and `latest`.
+
+--reshard also times what a resume with another number of processes adds: the conversion to DeepSpeed's
+universal checkpoint (`commit._universal_copy`, as `commit.load` runs it) and the universal load into a
+fresh engine. The conversion reads the ZeRO shards whatever their count, so one rank measures it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def main() -> int:
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--saves", type=int, default=2)
     p.add_argument("--dir", default="/tmp/vit-scale-ckpt-bench")
+    p.add_argument("--reshard", action="store_true", help="also time the universal conversion and load")
     args = p.parse_args()
     init_distributed(Config())
     cfg = load_config(
@@ -63,6 +68,18 @@ def main() -> int:
     t0 = time.perf_counter()
     assert commit.verify(ckpt) is None
     verify_s = time.perf_counter() - t0
+    reshard = {}
+    if args.reshard:
+        t0 = time.perf_counter()
+        universal = commit._universal_copy(ckpt, run)
+        reshard["convert_s"] = round(time.perf_counter() - t0, 2)
+        fresh, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), 1, 100)
+        fresh._config.load_universal_checkpoint = True
+        t0 = time.perf_counter()
+        fresh.load_checkpoint(str(universal.parent), tag=universal.name)
+        reshard["universal_load_s"] = round(time.perf_counter() - t0, 2)
+        want = engine.module.state_dict()
+        reshard["weights_equal"] = all(torch.equal(v, want[k]) for k, v in fresh.module.state_dict().items())
     shutil.rmtree(run, ignore_errors=True)
     result = {
         "bench": "ckpt_save",
@@ -72,6 +89,7 @@ def main() -> int:
         "save_s": [round(t, 2) for t in times],
         "verify_s": round(verify_s, 2),
         "gb_per_s": round(size / min(times) / 1e9, 3),
+        **reshard,
     }
     print(json.dumps(result))
     return 0
