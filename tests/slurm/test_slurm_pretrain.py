@@ -27,7 +27,7 @@ def shards(tmp_path_factory):
     return write_tiny_shards(tmp_path_factory.mktemp("shards") / "train")
 
 
-def submit(cluster, run_dir: Path, shards: Path, *overrides: str) -> int:
+def submit(cluster, run_dir: Path, shards: Path, *overrides: str, nodes: int = 2) -> int:
     out = cluster.run(
         [
             str(ROOT / ".venv" / "bin" / "vit-scale"),
@@ -40,7 +40,7 @@ def submit(cluster, run_dir: Path, shards: Path, *overrides: str) -> int:
             "checkpoint.keep_last=5",
             *overrides,
             "--nodes",
-            "2",
+            str(nodes),
             "--gpus-per-node",
             "0",
             "--cpus-per-task",
@@ -157,6 +157,24 @@ def test_two_node_job_pretrains_from_shards(slurm_cluster, baseline):
     assert sum(values[-10:]) < sum(values[:10])  # it learns
     assert committed_steps(run_dir)[-1] == STEPS
     assert (run_dir / "slurm" / "pretrain.sbatch").read_text().count("#SBATCH --nodes=2") == 1
+
+
+def test_a_two_node_checkpoint_resumes_as_a_one_node_job(slurm_cluster, shards, baseline, tmp_path):
+    """The job lost a node: its step-40 checkpoint (2 ranks) resumes in a 1-node job through DeepSpeed's
+    universal checkpoint, trains to the end, and its own checkpoints are 1-rank ones."""
+    base_job, base_dir = baseline
+    assert slurm_cluster.wait_done(base_job, timeout=240)["JobState"] == "COMPLETED"
+    run_dir = tmp_path / "run"
+    job = submit(
+        slurm_cluster, run_dir, shards, f"resume={base_dir / 'checkpoints' / 'step_000000040'}", nodes=1
+    )
+    info = slurm_cluster.wait_done(job, timeout=240)
+    log = log_text(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "1", log[-3000:]
+    assert "that checkpoint was written by 2 processes and 1 run now" in log
+    assert sorted(read_losses(run_dir)) == list(range(EVERY + 1, STEPS + 1))
+    last = run_dir / "checkpoints" / f"step_{STEPS:09d}"
+    assert json.loads((last / "manifest.json").read_text())["world_size"] == 1
 
 
 def test_sigterm_preemption_checkpoints_and_requeues(slurm_cluster, shards, tmp_path):
