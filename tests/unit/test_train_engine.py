@@ -157,3 +157,22 @@ def test_activation_checkpointing_every_kth_block_recomputes_only_those_and_keep
     assert calls == [2, 1, 2, 1, 2]
     assert torch.equal(got_loss, want_loss)
     assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+
+def test_only_communication_failures_are_reported_as_a_lost_peer():
+    """A real gloo timeout (a 1-rank group cannot time out, so a 2-rank store wait stands in for it)
+    counts as a lost peer; a timeout from anything else (a shard fetched over http) does not."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from vit_scale.train.loop import PeerLost
+
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size=2, is_master=True, timeout=timedelta(seconds=0.2), wait_for_workers=False
+    )
+    with pytest.raises(RuntimeError) as waited:
+        store.get("never-set")  # the other member never comes
+    assert PeerLost.matches(waited.value), str(waited.value)
+    assert not PeerLost.matches(RuntimeError("http://data/shard-000001.tar: read timed out"))
+    assert not PeerLost.matches(ValueError("gloo timed out"))  # only backend errors, which are RuntimeErrors

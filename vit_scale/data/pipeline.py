@@ -20,6 +20,8 @@ the batch order continues exactly as an uninterrupted run.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import itertools
 import random
@@ -530,16 +532,9 @@ def _kill_leftover_workers() -> None:
             child.kill()
 
 
-_exit_hook_registered = False
-
-
+@functools.cache
 def _register_exit_hook() -> None:
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        import atexit
-
-        atexit.register(_kill_leftover_workers)
-        _exit_hook_registered = True
+    atexit.register(_kill_leftover_workers)
 
 
 class ShardLoader:

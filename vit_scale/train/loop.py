@@ -42,11 +42,14 @@ class PeerLost(UserError):
 
     exit_code = 1  # a crash, not bad input: a launcher may restart the job, which then resumes
 
-    SIGNS = ("timed out", "connection closed", "connection reset", "broken pipe")
+    SIGNS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
 
     @classmethod
     def matches(cls, e: BaseException) -> bool:
-        return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in cls.SIGNS)
+        """A communication backend's error (not, say, a shard read's timeout) about a missing peer."""
+        msg = str(e).lower()
+        from_backend = isinstance(e, dist.DistError) or any(b in msg for b in ("gloo", "nccl", "c10d"))
+        return isinstance(e, RuntimeError) and from_backend and any(s in msg for s in cls.SIGNS)
 
 
 @dataclass
