@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +277,12 @@ def _universal_copy(ckpt: Path, scratch: Path) -> Path:
         from deepspeed.checkpoint import ds_to_universal
 
         shutil.rmtree(scratch / UNIVERSAL_DIR, ignore_errors=True)
+        print(
+            f"vit-scale: converting {ckpt} to DeepSpeed's universal checkpoint in {out.parent} for the new "
+            "number of processes (once; about 7 s per GB of checkpoint on a 2-core machine)",
+            file=sys.stderr,
+            flush=True,
+        )
         log = io.StringIO()
         args = Namespace(
             input_folder=str(ckpt),
