@@ -129,3 +129,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_until_step(run_dir: Path, shards: Path, *overrides: str, step: int, timeout: float = 180):
+    """Start a 2-process pretrain in a session of its own and return (process, rank pids) once it has
+    logged `step`; fails if it ends first. The caller ends it (`kill_run`)."""
+    import time
+
+    proc = subprocess.Popen(
+        pretrain_cmd(run_dir, shards, *overrides),
+        cwd=ROOT,
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and max(losses(run_dir), default=0) < step:
+        time.sleep(0.01)
+    ranks = children(proc.pid)
+    if proc.poll() is not None or len(ranks) != 2:
+        kill_run(proc)
+        raise AssertionError(
+            f"the run did not reach step {step} with two ranks:\n{proc.stderr.read()[-3000:]}"
+        )
+    return proc, ranks

@@ -104,23 +104,9 @@ def test_zero2_with_activation_checkpointing_matches_zero1_exactly(tmp_path, sha
 
 def test_sigkill_after_step_20_checkpoint_then_resume_is_bit_exact(tmp_path, shards, reference):
     kill_after = random.Random().randint(21, 38)  # a random step after the step-20 checkpoint
-    proc = subprocess.Popen(
-        h.pretrain_cmd(tmp_path, shards, *STEPS_40),
-        cwd=h.ROOT,
-        env=h.env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if max(h.losses(tmp_path), default=0) >= kill_after:
-                break
-            time.sleep(0.005)
-    finally:
-        h.kill_run(proc)  # the agent, both ranks and their data workers, at once
-    assert proc.returncode == -signal.SIGKILL, f"the run ended on its own before step {kill_after}"
+    proc, _ = h.start_until_step(tmp_path, shards, *STEPS_40, step=kill_after)
+    h.kill_run(proc)  # the agent, both ranks and their data workers, at once
+    assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "checkpoints" / "step_000000040" / "COMMITTED").exists()
 
     resumed = h.pretrain(tmp_path, shards, *STEPS_40)
@@ -302,21 +288,10 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path, shar
     """SIGSTOP one rank mid-run: the other's next collective times out after parallel.timeout_minutes, also in
     DeepSpeed's own process groups, and the rank leaves with a message, not a traceback, and without
     waiting on its data workers; the launcher then ends the frozen rank, and the job exits instead of hanging."""
-    proc = subprocess.Popen(
-        h.pretrain_cmd(tmp_path, shards, "train.steps=100000", "parallel.timeout_minutes=0.1"),
-        cwd=h.ROOT,
-        env=h.env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, ranks = h.start_until_step(
+        tmp_path, shards, "train.steps=100000", "parallel.timeout_minutes=0.1", step=3
     )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and max(h.losses(tmp_path), default=0) < 3:
-            time.sleep(0.05)
-        ranks = h.children(proc.pid)
-        assert len(ranks) == 2, "the run did not reach step 3 with two ranks"
         os.kill(ranks[-1], signal.SIGSTOP)
         frozen_at = time.monotonic()
         out, err = proc.communicate(timeout=120)
@@ -381,22 +356,8 @@ def test_nan_on_one_rank_skips_everywhere_then_halts(tmp_path, shards):
 def test_sigusr1_commits_a_checkpoint_and_exits_for_requeue(tmp_path, shards):
     from vit_scale.train.preempt import REQUEUE_EXIT_CODE
 
-    proc = subprocess.Popen(
-        h.pretrain_cmd(tmp_path, shards, "train.steps=400", "checkpoint.every_steps=0"),
-        cwd=h.ROOT,
-        env=h.env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, ranks = h.start_until_step(tmp_path, shards, "train.steps=400", "checkpoint.every_steps=0", step=3)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and max(h.losses(tmp_path), default=0) < 3:
-            assert proc.poll() is None
-            time.sleep(0.01)
-        ranks = h.children(proc.pid)
-        assert len(ranks) == 2
         os.kill(ranks[0], signal.SIGUSR1)  # one rank only: the other must follow through the all-reduce
         out, err = proc.communicate(timeout=120)
     finally:

@@ -14,52 +14,37 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from train_helpers import free_port  # noqa: E402
 
+TINY = "--width 32 --depth 1 --heads 2 --img 32 --batch 4 --steps 2 --warmup 1".split()
 
-def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "train_step.py"),
-            "gpu",
-            "--variant",
-            "vit_ti16",
-            "--width",
-            "32",
-            "--depth",
-            "1",
-            "--heads",
-            "2",
-            "--img",
-            "32",
-            "--batch",
-            "4",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--dtype",
-            "fp32",
-            "--peak-tflops",
-            "0.001",
-            "--skip-compile",
-            "--out",
-            str(out),
-        ],
+
+def run_bench(mode: str, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """bench/train_step.py MODE at the tiny size, writing its JSON result to `out`."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_step.py"), mode, *TINY, *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
-        # one rank started directly, without torch.distributed.run's agent
-        env={
-            "OMP_NUM_THREADS": "1",
-            "PATH": "/usr/bin:/bin",
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-        },
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **env},
+    )
+
+
+def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
+    out = tmp_path / "gpu.json"
+    # one rank started directly, without torch.distributed.run's agent
+    rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = run_bench(
+        "gpu",
+        out,
+        "--variant",
+        "vit_ti16",
+        "--dtype",
+        "fp32",
+        "--peak-tflops",
+        "0.001",
+        "--skip-compile",
+        **rank,
+        MASTER_PORT=str(free_port()),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -85,28 +70,7 @@ def test_cpu_comparison_runs_both_loops_on_two_ranks_and_reports_their_ratio(tmp
     """`bench/train_step.py cpu` at a tiny size: both loops ran on 2 gloo ranks, and the ratio and the
     extra milliseconds per step are the ones the two rates give."""
     out = tmp_path / "cpu.json"
-    tiny = ["--width", "32", "--depth", "1", "--heads", "2", "--img", "32", "--batch", "4"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "train_step.py"),
-            "cpu",
-            *tiny,
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--rounds",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    proc = run_bench("cpu", out, "--rounds", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert (r["world_size"], r["zero_stage"], r["micro_batch_per_rank"]) == (2, 1, 4)
