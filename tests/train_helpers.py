@@ -155,3 +155,24 @@ def start_until_step(run_dir: Path, shards: Path, *overrides: str, step: int, ti
             f"the run did not reach step {step} with two ranks:\n{proc.stderr.read()[-3000:]}"
         )
     return proc, ranks
+
+
+def cpu_kind() -> str:
+    """What decides torch's CPU kernels, and so the last bits of float32 sums: the architecture, the
+    vendor, the instruction-set extensions oneDNN and MKL dispatch on, and the torch build."""
+    import platform
+
+    vendor, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+    torch_build = f"torch-{torch.__version__.split('+')[0]}"
+    return " ".join([platform.machine(), vendor, *sorted(f for f in isa if f in flags), torch_build])
