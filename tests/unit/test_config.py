@@ -156,3 +156,50 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr=nan must be a finite number > 0.0"),
+        ("optim.lr=.inf", "optim.lr=inf must be a finite number > 0.0"),
+        ("optim.lr=0", "optim.lr=0.0 must be a finite number > 0.0"),
+        ("optim.lr=-1e-3", "optim.lr=-0.001 must be a finite number > 0.0"),
+        ("logging.every_steps=0", "logging.every_steps=0 must be a finite number >= 1"),
+        ("checkpoint.every_steps=-5", "checkpoint.every_steps=-5 must be a finite number >= 0 (0 turns it off)"),
+        ("checkpoint.every_minutes=-1", "checkpoint.every_minutes=-1.0 must be a finite number >= 0.0 (0.0 turns"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be a finite number >= 1"),
+        ("train.steps=0", "train.steps=0 must be a finite number >= 1"),
+        ("train.global_batch=0", "train.global_batch=0 must be a finite number >= 1"),
+        ("train.micro_batch_per_rank=0", "train.micro_batch_per_rank=0 must be a finite number >= 1"),
+        ("model.depth=0", "model.depth=0 must be a finite number >= 1"),
+        ("model.width=0", "model.width=0 must be a finite number >= 1"),
+        ("model.dropout=1.0", "model.dropout=1.0 must be a finite number >= 0.0 and < 1.0"),
+        ("data.crop_area_min=0", "data.crop_area_min=0.0 must be a finite number > 0.0 and <= 1.0"),
+        ("data.workers=-1", "data.workers=-1 must be a finite number >= 0"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas=[0.9, 1.5]: every value must be a finite number >= 0.0 and < 1.0"),
+        ("sweep.lr=[0.01, 0]", "sweep.lr=[0.01, 0.0]: every value must be a finite number > 0.0"),
+        ("eval.fewshot_shots=[0, 5]", "eval.fewshot_shots=[0, 5]: every value must be a finite number >= 1"),
+    ],
+)
+def test_every_numeric_setting_has_its_range(override, message):
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=1)
+    assert message in str(e.value)
+
+
+def test_batch_that_cannot_split_over_the_ranks_is_refused():
+    cfg = load_config(None, ["train.global_batch=3"])
+    with pytest.raises(ConfigError, match="train.global_batch=3 is not divisible by train.grad_accum=1 × world size 2"):
+        validate(cfg, world_size=2)
+    assert validate(load_config(None, ["train.global_batch=8"]), world_size=2).micro_batch_per_rank == 4
+
+
+@pytest.mark.parametrize("base", ["3", "[a.yaml, 7]", "notes.txt", "subdir.yaml"])
+def test_base_must_name_yaml_files(tmp_path, base):
+    (tmp_path / "subdir.yaml").mkdir()
+    (tmp_path / "notes.txt").write_text("model: {}\n")
+    path = write(tmp_path / "c.yaml", f"base: {base}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:1: base: .* must be the path of a YAML file"):
+        load_config(path)

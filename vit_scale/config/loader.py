@@ -24,21 +24,6 @@ class ConfigError(UserError):
     """A config problem the user must fix; its message is the whole story."""
 
 
-CHOICES = {
-    "model.pool": ("token", "avg"),
-    "data.mode": ("exact", "resampled"),
-    "data.labels": ("int", "multi"),
-    "data.augment": ("inception", "center"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.loss": ("auto", "softmax", "sigmoid"),
-    "schedule.decay": ("linear", "cosine", "constant"),
-    "precision.dtype": ("fp32", "bf16", "fp16"),
-    "logging.wandb": ("auto", "online", "offline", "disabled"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "parallel.zero_stage": (0, 1, 2, 3),
-}
-
-
 # ---------------------------------------------------------------- reading YAML with positions
 
 
@@ -93,9 +78,18 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
     base = data.pop("base", None)
     values: dict[str, Any] = {}
     positions: dict[str, str] = {}
-    bases = [base] if isinstance(base, str) else list(base or [])
+    bases = [] if base is None else base if isinstance(base, list) else [base]
+    targets = []
     for b in bases:
-        bv, bw = _load_chain((path.parent / b), (*seen, path))
+        target = path.parent / b if isinstance(b, str) else None
+        if target is None or target.suffix not in (".yaml", ".yml") or (target.exists() and not target.is_file()):
+            raise ConfigError(
+                f"{where.get('base', path)}: base: {b!r} must be the path of a YAML file (relative to "
+                f"{path.parent}), or a list of them"
+            )
+        targets.append(target)
+    for target in targets:
+        bv, bw = _load_chain(target, (*seen, path))
         values.update(bv)
         positions.update(bw)
     flat = _flatten(data)
@@ -122,8 +116,21 @@ def _all_keys(cls=Config, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _choices(tp) -> tuple | None:
+    """The allowed values of a `Literal[...]` field (also inside `X | None`), else None."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if (found := _choices(arg)) is not None:
+                return found
+    return None
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return _type_name(type(typing.get_args(tp)[0]))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
@@ -132,8 +139,11 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value: Any, tp) -> Any:
-    """`value` as type `tp`, or raise TypeError."""
+    """`value` as type `tp`, or raise TypeError (a Literal's value is checked against its type only: the
+    caller reports a value outside the choices with the choices)."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return _coerce(value, type(typing.get_args(tp)[0]))
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -191,8 +201,9 @@ def parse_override(arg: str) -> tuple[str, str]:
 
 
 def _parse_cli_value(raw: str, tp) -> Any:
-    if tp is str or tp == (str | None):
-        return raw
+    choices = _choices(tp)
+    if tp is str or tp == (str | None) or (choices and isinstance(choices[0], str)):
+        return raw  # YAML would read "off" or "no" as false
     try:
         return yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
@@ -238,8 +249,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(
                 f"config key {key} at {where} expects {_type_name(tp)}, got {value!r}"
             ) from None
-        choices = CHOICES.get(key)
-        if choices is not None and coerced not in choices:
+        choices = _choices(tp)
+        if choices is not None and coerced is not None and coerced not in choices:
             raise ConfigError(
                 f"config key {key} at {where} must be one of {', '.join(map(str, choices))}; got {coerced!r}"
             )

@@ -7,6 +7,7 @@ Defaults follow the paper's pretraining recipe (Table 3) where one applies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -14,11 +15,11 @@ class ModelConfig:
     variant: str = "vit_b16"  # a row of vit_scale.models.VARIANTS
     num_classes: int = 1000
     img_size: int = 224
-    pool: str = "token"  # "token" (class token) or "avg" (global average pooling)
+    pool: Literal["token", "avg"] = "token"  # class token, or global average pooling
     representation_size: int | None = None  # pre-logits tanh layer (the paper's IN-21k pretraining)
     dropout: float = 0.0
     drop_path: float = 0.0
-    pos_embed_interp: str = "bilinear"  # fine-tuning at a new resolution: "bilinear" (paper's code) or "bicubic"
+    pos_embed_interp: Literal["bilinear", "bicubic"] = "bilinear"  # fine-tuning at a new resolution (paper's code: bilinear)
     # Reduced-size overrides of the variant's row, for tests and tiny recipes.
     depth: int | None = None
     width: int | None = None
@@ -32,12 +33,12 @@ class DataConfig:
     train: str = ""  # shard source: directory with index.json, brace pattern, pipe:..., or A::B mixture
     val: str = ""
     test: str = ""
-    mode: str = "exact"  # "exact" (each sample once per epoch, resumable) or "resampled"
+    mode: Literal["exact", "resampled"] = "exact"  # exact: each sample once per epoch, resumable
     weights: list[float] = field(default_factory=list)  # one per `::`-separated source when mixing
     workers: int = 4  # DataLoader workers per rank
     shuffle_buffer: int = 2000
-    labels: str = "int"  # "int" (softmax) or "multi" (multi-hot, sigmoid)
-    augment: str = "inception"  # "inception" (RandomResizedCrop + flip) or "center" (resize + centre crop)
+    labels: Literal["int", "multi"] = "int"  # int: softmax; multi: multi-hot, sigmoid
+    augment: Literal["inception", "center"] = "inception"  # RandomResizedCrop + flip, or resize + centre crop
     crop_area_min: float = 0.05
     hflip: bool = True
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
@@ -49,21 +50,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # "adamw" (pretraining) or "sgd" (fine-tuning, Table 4)
+    name: Literal["adamw", "sgd"] = "adamw"  # adamw: pretraining; sgd: fine-tuning (Table 4)
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     momentum: float = 0.9
     weight_decay: float = 0.03
     grad_clip: float = 1.0  # global norm; 0 disables
-    loss: str = "auto"  # "softmax", "sigmoid", or "auto" (sigmoid when data.labels is "multi")
+    loss: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid when data.labels is "multi"
     label_smoothing: float = 0.0
 
 
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = 10000
-    decay: str = "linear"  # "linear", "cosine" or "constant"
+    decay: Literal["linear", "cosine", "constant"] = "linear"
     end_lr: float = 0.0
 
 
@@ -81,12 +82,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    zero_stage: int = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = False  # ZeRO stage >= 2
     offload_params: bool = False  # ZeRO stage 3
     activation_checkpointing: bool = False
     checkpoint_every_k_blocks: int = 1  # checkpoint every k-th block when activation checkpointing
-    backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU), "nccl" or "gloo"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_minutes: float = 5.0  # collective timeout: a dead rank ends the job instead of hanging
     compile: bool = False
     world_size: int | None = None  # when set, checked against the launched world before the first step
@@ -94,7 +95,7 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "bf16"  # "fp32", "bf16" or "fp16" (dynamic loss scaling)
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"  # fp16 with dynamic loss scaling
     initial_scale_power: int = 16  # fp16 only
 
 
@@ -110,7 +111,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10
-    wandb: str = "auto"  # "auto" (online with credentials, else offline), "online", "offline", "disabled"
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with credentials, else offline
     project: str = "vit-scale"
     entity: str = ""
     peak_tflops: float | None = None  # device peak for MFU; looked up from a table when not set

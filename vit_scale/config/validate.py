@@ -1,12 +1,33 @@
-"""Checks on combinations of settings, run before any process starts.
+"""The one validation pass: every value range and every combination of settings, before any work starts.
 
-Each failure is a ConfigError naming the settings involved and what to change.
+Every command (and `vit-scale slurm --dry-run`, for the job's world size) calls `validate` once, before
+it reads data or starts a process. It returns the resolved batch, which is passed on from there rather
+than derived again. Each failure is a ConfigError naming the settings involved and what to change.
+Allowed values of enumerated settings are typed in the schema (`Literal[...]`) and checked on loading.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
 from vit_scale.config.loader import ConfigError
 from vit_scale.config.schema import Config, TrainConfig
+from vit_scale.config.variants import VARIANTS, model_dims
+
+Kind = Literal["pretrain", "finetune"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """How `train.global_batch` splits over the launched processes."""
+
+    micro_batch_per_rank: int
+    grad_accum: int
+    world_size: int
 
 
 def resolve_batch(train: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -37,10 +58,111 @@ def resolve_batch(train: TrainConfig, world_size: int) -> tuple[int, int]:
     return g // (accum * world_size), accum
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError on an impossible or unsafe combination of settings."""
-    from vit_scale.models import VARIANTS, model_dims
+# ---------------------------------------------------------------- value ranges
 
+# key: (lowest, highest, what the lowest means when it is a switch) — None: no bound on that side.
+# A bound in a one-element tuple is exclusive. `None` values (unset optional settings) are not checked.
+RANGES: dict[str, tuple] = {
+    "model.num_classes": (1, None),
+    "model.img_size": (1, None),
+    "model.depth": (1, None),
+    "model.width": (1, None),
+    "model.mlp": (1, None),
+    "model.heads": (1, None),
+    "model.patch": (1, None),
+    "model.representation_size": (1, None),
+    "model.dropout": (0.0, (1.0,)),
+    "model.drop_path": (0.0, (1.0,)),
+    "data.workers": (0, None),
+    "data.shuffle_buffer": (0, None),
+    "data.crop_area_min": ((0.0,), 1.0),
+    "data.mixup": (0.0, None),
+    "data.cutmix": (0.0, None),
+    "data.max_bad_fraction": (0.0, (1.0,)),
+    "data.bad_window": (1, None),
+    "optim.lr": ((0.0,), None),
+    "optim.eps": ((0.0,), None),
+    "optim.momentum": (0.0, (1.0,)),
+    "optim.weight_decay": (0.0, None),
+    "optim.grad_clip": (0.0, None, "off"),
+    "optim.label_smoothing": (0.0, (1.0,)),
+    "schedule.warmup_steps": (0, None),
+    "schedule.end_lr": (0.0, None),
+    "train.steps": (1, None),
+    "train.epochs": ((0.0,), None),
+    "train.examples": (1, None),
+    "train.global_batch": (1, None),
+    "train.micro_batch_per_rank": (1, None),
+    "train.grad_accum": (1, None),
+    "train.max_consecutive_skips": (1, None),
+    "parallel.checkpoint_every_k_blocks": (1, None),
+    "parallel.timeout_minutes": ((0.0,), None),
+    "parallel.world_size": (1, None),
+    "precision.initial_scale_power": (0, 32),
+    "checkpoint.every_steps": (0, None, "off"),
+    "checkpoint.every_minutes": (0.0, None, "off"),
+    "checkpoint.keep_last": (1, None),
+    "checkpoint.keep_every": (0, None, "off"),
+    "logging.every_steps": (1, None),
+    "logging.peak_tflops": ((0.0,), None),
+    "eval.batch_size": (1, None),
+    "eval.img_size": (1, None),
+    "eval.fewshot_every_steps": (0, None, "off"),
+    "eval.fewshot_seeds": (1, None),
+    "eval.fewshot_l2": ((0.0,), None),
+}
+# Lists whose every element has the range of the key named.
+ELEMENT_RANGES = {
+    "optim.betas": (0.0, (1.0,)),
+    "sweep.lr": ((0.0,), None),
+    "eval.fewshot_shots": (1, None),
+    "data.weights": (0.0, None),
+}
+
+
+def _get(cfg: Config, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bound_text(lo, hi, off: str | None) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"> {lo[0]}" if isinstance(lo, tuple) else f">= {lo}")
+    if hi is not None:
+        parts.append(f"< {hi[0]}" if isinstance(hi, tuple) else f"<= {hi}")
+    text = " and ".join(parts)
+    return f"{text} ({lo} turns it off)" if off else text
+
+
+def _in_range(value, lo, hi) -> bool:
+    if not math.isfinite(value):
+        return False
+    if lo is not None and (value <= lo[0] if isinstance(lo, tuple) else value < lo):
+        return False
+    return hi is None or (value < hi[0] if isinstance(hi, tuple) else value <= hi)
+
+
+def check_ranges(cfg: Config) -> None:
+    for key, (lo, hi, *off) in RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not _in_range(value, lo, hi):
+            bounds = _bound_text(lo, hi, off[0] if off else None)
+            raise ConfigError(f"{key}={value} must be a finite number {bounds}")
+    for key, (lo, hi) in ELEMENT_RANGES.items():
+        values = _get(cfg, key)
+        if not all(_in_range(v, lo, hi) for v in values):
+            raise ConfigError(f"{key}={values}: every value must be a finite number {_bound_text(lo, hi, None)}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers, e.g. [0.9, 0.999]")
+
+
+# ---------------------------------------------------------------- combinations
+
+
+def _check_model(cfg: Config) -> None:
     m = cfg.model
     if m.variant not in VARIANTS:
         raise ConfigError(
@@ -61,6 +183,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model width {dims['width']} is not divisible by {dims['heads']} heads")
     if cfg.eval.img_size is not None and cfg.eval.img_size % patch:
         raise ConfigError(f"eval.img_size={cfg.eval.img_size} is not a multiple of the patch size {patch}")
+
+
+def _check_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
     if p.offload_optimizer and p.zero_stage < 2:
         raise ConfigError(
@@ -68,24 +193,71 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if p.offload_params and p.zero_stage < 3:
         raise ConfigError(f"parallel.offload_params needs ZeRO stage 3, but parallel.zero_stage={p.zero_stage}")
-    if p.checkpoint_every_k_blocks < 1:
-        raise ConfigError("parallel.checkpoint_every_k_blocks must be at least 1")
-    sources = [s for s in cfg.data.train.split("::") if s] if cfg.data.train else []
+    if p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(
+            f"parallel.world_size={p.world_size} but {world_size} processes were launched; "
+            "change the launch or the setting"
+        )
+
+
+def _check_data(cfg: Config) -> None:
+    sources = [s for s in cfg.data.train.split("::") if s.strip()] if cfg.data.train else []
     if cfg.data.weights and len(cfg.data.weights) != len(sources):
         raise ConfigError(
             f"data.weights has {len(cfg.data.weights)} values but data.train names {len(sources)} "
             "`::`-separated sources; give one weight per source"
         )
+    if cfg.data.weights and sum(cfg.data.weights) <= 0:
+        raise ConfigError(f"data.weights={cfg.data.weights} must have a positive sum")
     t = cfg.train
     lengths = [x for x in (t.steps, t.epochs, t.examples) if x is not None]
     if len(lengths) > 1:
         raise ConfigError("give only one of train.steps, train.epochs, train.examples")
-    if world_size is not None:
-        if p.world_size is not None and p.world_size != world_size:
-            raise ConfigError(
-                f"parallel.world_size={p.world_size} but {world_size} processes were launched; "
-                "change the launch or the setting"
-            )
-        resolve_batch(t, world_size)
-    if not 0 <= cfg.data.max_bad_fraction < 1:
-        raise ConfigError("data.max_bad_fraction must be in [0, 1)")
+
+
+def _index_classes(source: str) -> int:
+    """Classes a shard directory's index.json declares; 0 when it cannot tell (patterns, pipes)."""
+    index = Path(source) / "index.json"
+    if not index.is_file():
+        return 0
+    try:
+        return int(json.loads(index.read_text()).get("num_classes") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0  # the data layer reports an unreadable index with its own message when it opens it
+
+
+def _check_finetune(cfg: Config) -> None:
+    if not cfg.init:
+        raise ConfigError(
+            "fine-tuning needs starting weights: set init=PATH (checkpoint, export, .pth or .npz)"
+        )
+    if not Path(cfg.init).exists():
+        raise ConfigError(
+            f"init={cfg.init} does not exist; name a checkpoint or run dir, export, .pth or .npz"
+        )
+    if not cfg.data.train:
+        raise ConfigError("fine-tuning needs data.train=SHARDS")
+    if cfg.sweep.lr and not cfg.data.val:
+        raise ConfigError("sweep.lr picks the best learning rate on data.val; set data.val=SHARDS")
+    if cfg.sweep.lr and not cfg.data.test:
+        raise ConfigError("after the sweep the final run is scored on data.test; set data.test=SHARDS")
+    if not (cfg.data.test or cfg.data.val):
+        raise ConfigError("nothing would score the fine-tuned model: set data.test=SHARDS (or data.val)")
+    declared = _index_classes(cfg.data.train)
+    if declared and declared != cfg.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but {cfg.data.train} has {declared} classes; "
+            f"set model.num_classes={declared}"
+        )
+
+
+def validate(cfg: Config, world_size: int, kind: Kind = "pretrain") -> Batch:
+    """Raise ConfigError on a value out of range or an impossible or unsafe combination of settings for
+    `world_size` processes; return how the global batch splits over them."""
+    check_ranges(cfg)
+    _check_model(cfg)
+    _check_parallel(cfg, world_size)
+    _check_data(cfg)
+    if kind == "finetune":
+        _check_finetune(cfg)
+    return Batch(*resolve_batch(cfg.train, world_size), world_size=world_size)

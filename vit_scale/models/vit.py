@@ -1,4 +1,4 @@
-"""The ViT variants table and builders, on timm's VisionTransformer.
+"""The ViT builders (the variants table is vit_scale.config.variants), on timm's VisionTransformer.
 
 Plain nn.Modules: no distributed code. Activation checkpointing and the engine are applied from
 outside (vit_scale.train.engine).
@@ -14,32 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vit_scale.config.schema import ModelConfig
-
-# The paper's Table 1 (B, L, H) plus timm's Ti and S rows: layers, width, MLP, heads.
-SIZES = {
-    "ti": (12, 192, 768, 3),
-    "s": (12, 384, 1536, 6),
-    "b": (12, 768, 3072, 12),
-    "l": (24, 1024, 4096, 16),
-    "h": (32, 1280, 5120, 16),
-}
-VARIANT_PATCHES = {"ti": (16,), "s": (16, 32), "b": (16, 32), "l": (16, 32), "h": (14,)}
-
-VARIANTS: dict[str, dict[str, int]] = {
-    f"vit_{size}{patch}": dict(zip(("layers", "width", "mlp", "heads"), SIZES[size]), patch=patch)
-    for size, patches in VARIANT_PATCHES.items()
-    for patch in patches
-}
-
-
-def model_dims(m: ModelConfig) -> dict[str, int]:
-    """The variant's row with the config's reduced-size overrides applied."""
-    row = dict(VARIANTS[m.variant])
-    for key, override in (("layers", m.depth), ("width", m.width), ("mlp", m.mlp), ("heads", m.heads),
-                          ("patch", m.patch)):
-        if override is not None:
-            row[key] = override
-    return row
+from vit_scale.config.variants import VARIANTS, model_dims
 
 
 class ViT(VisionTransformer):
