@@ -125,7 +125,11 @@ def test_zero2_with_activation_checkpointing_matches_zero1_exactly(tmp_path, sha
 
 
 def test_sigkill_after_step_20_checkpoint_then_resume_is_bit_exact(tmp_path, shards, reference):
-    kill_after = random.Random().randint(21, 38)  # a random step after the step-20 checkpoint
+    # A random step after the step-20 checkpoint, from a seed that is printed (pytest shows it on failure)
+    # and can be replayed with VIT_SCALE_TEST_SEED=<seed>.
+    seed = int(os.environ.get("VIT_SCALE_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    kill_after = random.Random(seed).randint(21, 38)
+    print(f"kill after step {kill_after} (replay with VIT_SCALE_TEST_SEED={seed})")
     proc, _ = h.start_until_step(tmp_path, shards, *STEPS_40, step=kill_after)
     h.kill_run(proc)  # the agent, both ranks and their data workers, at once
     assert proc.returncode == -signal.SIGKILL
@@ -134,7 +138,7 @@ def test_sigkill_after_step_20_checkpoint_then_resume_is_bit_exact(tmp_path, sha
     resumed = h.pretrain(tmp_path, shards, *STEPS_40)
     assert resumed.returncode == 0, h.tail(resumed)
     assert "resumed from" in resumed.stderr and "step_000000020" in resumed.stderr
-    assert h.losses(tmp_path) == h.losses(reference), f"killed after step {kill_after}"
+    assert h.losses(tmp_path) == h.losses(reference), f"killed after step {kill_after}, VIT_SCALE_TEST_SEED={seed}"
     assert [r["step"] for r in h.records(tmp_path) if "loss" in r] == list(range(1, 41))
     assert h.same_weights(h.weights(tmp_path), h.weights(reference))
 

@@ -80,7 +80,9 @@ def test_shards_array_then_merge(slurm_cluster, tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = slurm_cluster.run(
         [
-            str(root / ".venv/bin/vit-scale"),
+            sys.executable,
+            "-m",
+            "vit_scale.cli",
             "slurm",
             "shards",
             str(src),

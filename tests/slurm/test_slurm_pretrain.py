@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def shards(tmp_path_factory):
 def submit(cluster, run_dir: Path, shards: Path, *overrides: str, nodes: int = 2) -> int:
     out = cluster.run(
         [
-            str(ROOT / ".venv" / "bin" / "vit-scale"),
+            sys.executable,
+            "-m",
+            "vit_scale.cli",
             "slurm",
             "pretrain",
             str(ROOT / "configs/pretrain/tiny_cpu.yaml"),
