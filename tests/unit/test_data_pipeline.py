@@ -20,8 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_helpers import jpeg_bytes, write_corpus  # noqa: E402
 
 from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.pipeline import EpochStream, make_loader, resolve_shards  # noqa: E402
+from vit_scale.data.loader import make_loader  # noqa: E402
 from vit_scale.data.shards import ShardWriter  # noqa: E402
+from vit_scale.data.shardset import resolve_shards  # noqa: E402
+from vit_scale.data.streams import EpochStream  # noqa: E402
 from vit_scale.errors import UserError  # noqa: E402
 
 N = 96  # samples; 12 shards of 8, so 4 ranks × 2 workers still get at least one shard each
@@ -316,7 +318,7 @@ def test_a_shard_truncated_after_startup_counts_as_bad_not_fatal(tmp_path, corpu
 def test_tar_reader_matches_tarfile_on_other_writers_archives(fmt):
     import io
 
-    from vit_scale.data.pipeline import tar_members
+    from vit_scale.data.tar import tar_members
 
     files = [
         ("a.jpg", jpeg_bytes(0)),

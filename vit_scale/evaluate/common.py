@@ -18,7 +18,7 @@ SPLIT_NAMES = {"train", "val", "test", "validation", "train800", "val200", "trai
 
 def eval_loader(source: str, data_cfg, *, img_size: int, batch_size: int, rank: int, world_size: int):
     """One unaugmented pass over `source`, every sample once across ranks (resize + centre crop)."""
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
 
     return make_loader(
         source,

@@ -70,7 +70,7 @@ class Counters:
 def reseed_for(seed: int, world: int, step: int) -> int:
     """The stream seed after resuming at `step` with `world` processes. Kept in the checkpoints that
     follow, so a later resume with the same layout rebuilds the same streams."""
-    from vit_scale.data.pipeline import derive_seed
+    from vit_scale.data.streams import derive_seed
 
     return derive_seed(seed, "world", world, "step", step) % 2**31
 
@@ -150,7 +150,7 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
 
 def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = None) -> dict:
     """Train `model` (by default a new one from cfg.model) on cfg.data.train; returns the final figures."""
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
 
     run_dir = Path(run_dir)
     init_distributed(cfg)
