@@ -7,13 +7,13 @@ import hashlib
 import importlib
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
 from vit_scale.data.shards import INDEX_NAME, make_index, parse_labels, read_index
 from vit_scale.data.sources import FORMATS
+from vit_scale.data.tar import tar_samples
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_json
 
@@ -153,20 +153,16 @@ def verify_shard(path: Path, entry: dict) -> list[str]:
         problems.append(f"size {len(data)} != {entry['bytes']}")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         problems.append("sha256 mismatch")
-    samples: dict[str, dict] = {}
+    samples = []
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+        for sample in tar_samples(io.BytesIO(data)):
+            samples.append(sample)
+    except ValueError as e:
         problems.append(f"unreadable tar ({e})")
     if len(samples) != entry["samples"]:
         problems.append(f"{len(samples)} samples != {entry['samples']}")
     bad = 0
-    for s in samples.values():
+    for s in samples:
         ext = next((e for e in IMAGE_EXTS if e in s), None)
         try:
             if ext is None or ("cls" not in s and "labels" not in s):
@@ -205,18 +201,12 @@ def cmd_verify(argv: list[str]) -> int:
     return 0
 
 
-def _shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if m.isfile():
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
-
-
 def shard_stats(directory: Path) -> dict:
-    """Samples per class, image sizes (from the metadata the builder wrote, else the image) and bytes."""
+    """Samples per class, image sizes (from the metadata the builder wrote, else the image) and bytes.
+
+    A shard that cannot be read to its end counts with the samples before the break and is listed under
+    `unreadable`; `verify` says what is wrong with it.
+    """
     from PIL import Image
 
     from vit_scale.data.transforms import IMAGE_EXTS
@@ -225,8 +215,9 @@ def shard_stats(directory: Path) -> dict:
     per_class: Counter = Counter()
     sizes: list[tuple[int, int]] = []
     image_bytes = 0
+    unreadable = []
     for entry in index["shards"]:
-        for s in _shard_samples(directory / entry["name"]).values():
+        for s in _readable_samples(directory, entry["name"], unreadable):
             if "cls" in s:
                 per_class[int(s["cls"])] += 1
             elif "labels" in s:
@@ -244,7 +235,22 @@ def shard_stats(directory: Path) -> dict:
                     sizes.append(im.size)
             except Exception:  # a broken image has no size; `verify` reports it
                 pass
-    return {"index": index, "per_class": per_class, "sizes": sizes, "image_bytes": image_bytes}
+    return {
+        "index": index,
+        "per_class": per_class,
+        "sizes": sizes,
+        "image_bytes": image_bytes,
+        "unreadable": unreadable,
+    }
+
+
+def _readable_samples(directory: Path, name: str, unreadable: list[str]):
+    """The samples of a shard up to where it breaks; a broken or missing shard's name goes to `unreadable`."""
+    try:
+        with open(directory / name, "rb") as f:
+            yield from tar_samples(f)
+    except (ValueError, OSError):
+        unreadable.append(name)
 
 
 def cmd_stats(argv: list[str]) -> int:
@@ -272,6 +278,11 @@ def cmd_stats(argv: list[str]) -> int:
     for cid in sorted(names):
         print(f"  {cid:>6}  {names[cid]:<30} {s['per_class'].get(cid, 0):>8}")
     print(f"skipped inputs: {index['num_skipped']}")
+    if s["unreadable"]:
+        print(
+            f"unreadable shards: {len(s['unreadable'])}, counted up to where they break "
+            f"({', '.join(s['unreadable'][:5])}); run `vit-scale shards verify {a.dir}`"
+        )
     return 0
 
 

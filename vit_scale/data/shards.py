@@ -15,13 +15,12 @@ first incomplete shard instead of starting over.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import tarfile
 from pathlib import Path
 
+from vit_scale.data.tar import TAR_END, member_bytes
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_json, fsync_dir
 
@@ -63,45 +62,17 @@ def normalise_classes(classes) -> list[dict]:
     return out
 
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
-
-
 def sample_bytes(key: str, image: bytes, ext: str, label, meta: dict) -> bytes:
     """One sample's members as tar bytes (headers and padding included), in a fixed member order."""
     kind, label_bytes = label_text(label)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    return b"".join(
+        member_bytes(f"{key}.{suffix}", data)
         for suffix, data in (
             (ext, image),
             (kind, label_bytes),
             ("json", json.dumps(meta, sort_keys=True).encode()),
-        ):
-            tar.addfile(*_tar_member(f"{key}.{suffix}", data))
-    # A closed tarfile ends with two zero blocks and pads to a 10 KiB record: keep only the members.
-    raw = buf.getvalue()
-    end = _members_end(raw)
-    return raw[:end]
-
-
-def _members_end(raw: bytes) -> int:
-    pos = 0
-    while pos + 512 <= len(raw):
-        header = raw[pos : pos + 512]
-        if header == b"\0" * 512:
-            return pos
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        pos += 512 + (size + 511) // 512 * 512
-    return pos
-
-
-_TAR_END = b"\0" * 1024
+        )
+    )
 
 
 class ShardWriter:
@@ -241,9 +212,9 @@ class ShardWriter:
         self._bytes = 0
 
     def _finish_shard(self) -> None:
-        self._file.write(_TAR_END)
-        self._hash.update(_TAR_END)
-        self._bytes += len(_TAR_END)
+        self._file.write(TAR_END)
+        self._hash.update(TAR_END)
+        self._bytes += len(TAR_END)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -283,7 +254,7 @@ class ShardWriter:
         data = sample_bytes(key, image, ext, label, meta)
         if self._file is not None and (
             self._count >= self.shard_size
-            or (self.shard_bytes is not None and self._bytes + len(data) + len(_TAR_END) > self.shard_bytes)
+            or (self.shard_bytes is not None and self._bytes + len(data) + len(TAR_END) > self.shard_bytes)
         ):
             self._finish_shard()
         if self._file is None:
