@@ -17,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_helpers import jpeg_bytes  # noqa: E402
 
 from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.cli import shard_stats, verify_shard  # noqa: E402
 from vit_scale.data.loader import make_loader  # noqa: E402
 from vit_scale.data.shards import ShardWriter, make_index  # noqa: E402
-from vit_scale.data.tar import BAD, read_shard, split_key, tar_members, tar_samples  # noqa: E402
+from vit_scale.data.stats import shard_stats  # noqa: E402
+from vit_scale.data.streams import BAD, read_shard  # noqa: E402
+from vit_scale.data.tar import split_key, tar_members, tar_samples  # noqa: E402
+from vit_scale.data.verify import verify_shard  # noqa: E402
 from vit_scale.io import atomic_write_json  # noqa: E402
 
 LONG = "sub/" + "l" * 120  # past ustar's 100-byte name field: a GNU long-name or pax record

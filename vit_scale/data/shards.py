@@ -9,7 +9,8 @@ through `ShardWriter`, so every shard set on disk has the same layout:
 A shard is written as `NAME.tar.tmp` and renamed when complete; tar headers carry fixed owners and times so
 the same inputs give byte-identical shards (and so the same sha256) on every run. After each completed
 shard the writer records its progress in `DIR/.progress.json`, which lets an interrupted build resume at the
-first incomplete shard instead of starting over.
+first incomplete shard instead of starting over. `merge_index` joins the indexes that the parts of a SLURM
+array build wrote into one for the whole set.
 """
 
 from __future__ import annotations
@@ -349,4 +350,49 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not a vit-scale shard index")
     if index.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} has format version {index['version']}; upgrade vit-scale to read it")
+    return index
+
+
+def merge_index(directory: str | Path, parts: list[str] | None = None) -> dict:
+    """Join the index.json of each part directory into DIR/index.json (shard names become part/shard)."""
+    directory = Path(directory)
+    part_dirs = (
+        [Path(p) for p in parts] if parts else sorted(p.parent for p in directory.glob("*/" + INDEX_NAME))
+    )
+    if not part_dirs:
+        raise UserError(
+            f"{directory} has no part directories with an {INDEX_NAME}; run the array builds first"
+        )
+    indexes = [read_index(d) for d in part_dirs]
+    counts = {i["build"]["array_count"] for i in indexes if "build" in i}
+    if len(counts) == 1 and (n := counts.pop()) != len(indexes):
+        raise UserError(
+            f"{len(indexes)} parts are complete but the build had --array-count {n}; finish the rest"
+        )
+    classes = indexes[0]["classes"]
+    for d, i in zip(part_dirs, indexes):
+        if i["classes"] != classes:
+            raise UserError(f"{d} has different classes from {part_dirs[0]}; the parts are not of one build")
+    kinds = {i["labels"] for i in indexes if i["num_samples"]}
+    if len(kinds) > 1:
+        raise UserError(f"the parts in {directory} mix single labels and multi-labels; rebuild them alike")
+    shards, skipped = [], []
+    for d, i in zip(part_dirs, indexes):
+        if not d.resolve().is_relative_to(directory.resolve()):
+            raise UserError(
+                f"part {d} is not inside {directory}; the merged index names shards relative to it"
+            )
+        rel = d.resolve().relative_to(directory.resolve())
+        shards += [{**s, "name": f"{rel.as_posix()}/{s['name']}"} for s in i["shards"]]
+        skipped += i["skipped"]
+    extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [d.name for d in part_dirs]}
+    index = make_index(
+        shards,
+        classes=classes,
+        skipped=skipped,
+        split=indexes[0]["split"],
+        labels=kinds.pop() if kinds else "cls",
+        extra=extra,
+    )
+    atomic_write_json(directory / INDEX_NAME, index)
     return index

@@ -1,4 +1,5 @@
-"""Seeded raw-sample streams: the samples one logical worker reads from one shard set, epoch after epoch.
+"""Raw-sample streams: a shard's samples at the positions of its index, and the seeded stream of samples
+one logical worker reads from one shard set, epoch after epoch.
 
 Each stream is a pure function of (shard set, seed, logical worker): the shard order of each epoch, the
 shuffle buffer's draws and the split between workers all derive from those numbers, so a position in the
@@ -20,15 +21,43 @@ import random
 from collections.abc import Iterator
 
 import torch
+from webdataset import gopen
 
 from vit_scale.data.shardset import ShardSet
-from vit_scale.data.tar import read_shard
+from vit_scale.data.tar import tar_samples
+
+BAD = None  # a sample position whose bytes could not be read (truncated shard): decodes as a bad sample
 
 
 def derive_seed(*parts) -> int:
     """A 64-bit seed from a tuple of ints and strings; stable across processes and Python versions."""
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little")
+
+
+def read_shard(url: str, expected: int | None) -> Iterator[dict | None]:
+    """Samples of one tar shard (a path, or any URL WebDataset's `gopen` opens), as `tar_samples` gives them.
+
+    When the shard's count is known, exactly that many items come out: a shard that ends early (truncated,
+    unreadable) is padded with BAD so positions in the stream stay those of the index.
+    """
+    produced = 0
+    try:
+        stream = gopen(url)
+        try:
+            for sample in tar_samples(stream):
+                if expected is not None and produced >= expected:
+                    return
+                yield sample
+                produced += 1
+        finally:
+            stream.close()
+    except Exception:  # a broken shard must not end the run: its unread samples are counted bad
+        if expected is None:
+            expected = produced + 1  # how many were lost is unknown: count the break itself once
+    if expected is not None:
+        for _ in range(expected - produced):
+            yield BAD
 
 
 def shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:

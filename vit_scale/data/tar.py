@@ -1,8 +1,8 @@
 """The tar format of shards, in one place: members, samples, and the bytes the shard writer lays down.
 
-Every reader of shards goes through `tar_samples`: the streaming pipeline (`read_shard`), `vit-scale shards
-verify` and `vit-scale shards stats`, so they agree on what a sample is. The rule is WebDataset's, so shards
-written by other WebDataset tools read the same here as there:
+Every reader of shards goes through `tar_samples`: the streaming pipeline (`streams.read_shard`), `vit-scale
+shards verify` and `vit-scale shards stats`, so they agree on what a sample is. The rule is WebDataset's, so
+shards written by other WebDataset tools read the same here as there:
 
 - a member's key is its path up to the first dot of its file name, its extension the rest of the file name,
   lower-cased: `a/b.c/img01.seg.PNG` is member `seg.png` of sample `a/b.c/img01` (WebDataset's
@@ -11,6 +11,8 @@ written by other WebDataset tools read the same here as there:
   (the shard writer never writes a key twice);
 - WebDataset's metadata, a top-level `__NAME__` file or directory, is skipped, as are links, directories
   and other entries that are not regular files.
+
+Standard library only: the shard writer imports this module without the pipeline's dependencies.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from webdataset import gopen
-
-BAD = None  # a sample position whose bytes could not be read (truncated shard): decodes as a bad sample
 TAR_END = b"\0" * 1024  # two zero blocks end an archive
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext's pattern
@@ -117,31 +116,6 @@ def tar_samples(stream) -> Iterator[dict]:
         current[ext.lower()] = data
     if current is not None:
         yield current
-
-
-def read_shard(url: str, expected: int | None) -> Iterator[dict | None]:
-    """Samples of one tar shard (a path, or any URL WebDataset's `gopen` opens), as `tar_samples` gives them.
-
-    When the shard's count is known, exactly that many items come out: a shard that ends early (truncated,
-    unreadable) is padded with BAD so positions in the stream stay those of the index.
-    """
-    produced = 0
-    try:
-        stream = gopen(url)
-        try:
-            for sample in tar_samples(stream):
-                if expected is not None and produced >= expected:
-                    return
-                yield sample
-                produced += 1
-        finally:
-            stream.close()
-    except Exception:  # a broken shard must not end the run: its unread samples are counted bad
-        if expected is None:
-            expected = produced + 1  # how many were lost is unknown: count the break itself once
-    if expected is not None:
-        for _ in range(expected - produced):
-            yield BAD
 
 
 def member_bytes(name: str, data: bytes) -> bytes:

@@ -16,8 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vit_scale.config.schema import DataConfig
 from vit_scale.data.shards import parse_labels
-from vit_scale.data.streams import EmptyStream, EpochStream, derive_seed
-from vit_scale.data.tar import BAD
+from vit_scale.data.streams import BAD, EmptyStream, EpochStream, derive_seed
 from vit_scale.data.transforms import (
     IMAGE_EXTS,
     decode_rgb,
