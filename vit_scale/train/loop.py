@@ -24,12 +24,12 @@ from torch import nn
 from vit_scale.checkpoint import commit
 from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
 from vit_scale.data.transforms import to_model_input
-from vit_scale.dist import is_rank0, on_rank0, rank, world_size
+from vit_scale.dist import device, is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.evaluate.fewshot import fewshot_metrics
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
-from vit_scale.train.engine import build_engine, device, init_distributed
+from vit_scale.train.engine import build_engine, init_distributed
 from vit_scale.train.preempt import Preempted, PreemptionWatch
 
 
