@@ -129,10 +129,10 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.evaluate.common import dataset_name
     from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     pre = load_pretrained(args.weights)
     if not pre.model.num_classes:

@@ -195,11 +195,11 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.dist import device as rank_device
     from vit_scale.evaluate.common import dataset_name
     from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")

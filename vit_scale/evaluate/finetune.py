@@ -84,8 +84,8 @@ def build_transfer_model(cfg: Config):
     Rewrites `cfg.model` to describe that model exactly (dimensions from the weights, the new head
     and resolution), so the saved config rebuilds it from its checkpoints.
     """
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.models import reset_head, set_resolution
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     wanted = cfg.model
     pre = load_pretrained(cfg.init, hint=wanted)
