@@ -26,9 +26,10 @@ def child(args) -> dict:
     import torch
 
     from vit_scale.config import Config, load_config
+    from vit_scale.dist import device
     from vit_scale.models import build_model, model_dims, train_flops
     from vit_scale.observe.metrics import peak_memory_gb
-    from vit_scale.train.engine import build_engine, device, init_distributed
+    from vit_scale.train.engine import build_engine, init_distributed
     from vit_scale.train.loop import loss_function, train_step
 
     init_distributed(Config())

@@ -29,8 +29,9 @@ def main() -> int:
 
     from vit_scale.checkpoint import commit
     from vit_scale.config import Config, load_config
+    from vit_scale.dist import device
     from vit_scale.models import build_model
-    from vit_scale.train.engine import build_engine, device, init_distributed
+    from vit_scale.train.engine import build_engine, init_distributed
     from vit_scale.train.loop import loss_function, train_step
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -70,7 +70,7 @@ def rate(make_batches, total: int) -> tuple[float, float]:
 
 def bench_ours(shards: Path, images: int, workers: int, batch: int) -> float:
     from vit_scale.config.schema import DataConfig
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
 
     cfg = DataConfig(workers=workers, shuffle_buffer=256)
     return rate(lambda: make_loader(str(shards), cfg, train=True, img_size=224, batch_size=batch), images)

@@ -32,15 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from vit_scale.config import load_config  # noqa: E402
 from vit_scale.data.transforms import to_model_input  # noqa: E402
+from vit_scale.dist import device  # noqa: E402
 from vit_scale.models import build_model, model_dims, train_flops  # noqa: E402
 from vit_scale.observe.metrics import peak_memory_gb, peak_tflops  # noqa: E402
-from vit_scale.train.engine import (  # noqa: E402
-    build_engine,
-    build_optimizer,
-    build_schedule,
-    device,
-    init_distributed,
-)
+from vit_scale.train.engine import build_engine, build_optimizer, build_schedule, init_distributed  # noqa: E402
 from vit_scale.train.loop import loss_function, train_step  # noqa: E402
 
 

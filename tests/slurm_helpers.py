@@ -41,12 +41,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_node_names_resolve() -> None:
     """Add n1/n2 to /etc/hosts when they do not resolve: MASTER_ADDR is the first node's name, resolved."""
     missing = []
@@ -84,8 +78,10 @@ class SlurmCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def _conf_text(self) -> str:
+        from vit_scale.dist import free_port
+
         r = self.root
-        ctld, p1, p2 = _free_port(), _free_port(), _free_port()
+        ctld, p1, p2 = free_port(), free_port(), free_port()
         host = socket.gethostname()
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} "

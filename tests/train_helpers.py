@@ -123,14 +123,6 @@ def kill_run(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_until_step(run_dir: Path, shards: Path, *overrides: str, step: int, timeout: float = 180):
     """Start a 2-process pretrain in a session of its own and return (process, rank pids) once it has
     logged `step`; fails if it ends first. The caller ends it (`kill_run`)."""

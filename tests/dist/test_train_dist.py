@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vit_scale.dist import free_port
 from vit_scale.observe import metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -276,7 +277,7 @@ def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exact
         ],
         cwd=h.ROOT,
         env=h.env(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port())
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         ),
         capture_output=True,
         text=True,

@@ -215,8 +215,8 @@ def test_exported_folder_imports_like_the_checkpoint(work):
     import torch
 
     from vit_scale.checkpoint.export import export
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.models import model_dims
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     export(work / "pretrain", work / "exported")
     from_ckpt, from_export = load_pretrained(work / "pretrain"), load_pretrained(work / "exported")

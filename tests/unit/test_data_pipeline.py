@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import shutil
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,8 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_helpers import jpeg_bytes, write_corpus  # noqa: E402
 
 from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.pipeline import EpochStream, make_loader, resolve_shards  # noqa: E402
+from vit_scale.data.loader import make_loader  # noqa: E402
 from vit_scale.data.shards import ShardWriter  # noqa: E402
+from vit_scale.data.shardset import resolve_shards  # noqa: E402
+from vit_scale.data.streams import EpochStream  # noqa: E402
 from vit_scale.errors import UserError  # noqa: E402
 
 N = 96  # samples; 12 shards of 8, so 4 ranks × 2 workers still get at least one shard each
@@ -310,37 +311,6 @@ def test_a_shard_truncated_after_startup_counts_as_bad_not_fatal(tmp_path, corpu
     got = labels_of(loader)
     assert 88 < len(got) < N and loader.bad_samples == 1
     assert set(got) >= set(range(24)) | set(range(32, N))
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_tar_reader_matches_tarfile_on_other_writers_archives(fmt):
-    import io
-
-    from vit_scale.data.pipeline import tar_members
-
-    files = [
-        ("a.jpg", jpeg_bytes(0)),
-        ("sub/" + "d" * 90 + "/b.cls", b"3"),
-        ("__meta__", b"skip"),
-        ("c.json", b"{}"),
-    ]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-        d = tarfile.TarInfo("a_directory")
-        d.type = tarfile.DIRTYPE
-        t.addfile(d)
-    raw = buf.getvalue()
-    assert list(tar_members(io.BytesIO(raw))) == [f for f in files if f[0] != "__meta__"]
-    with pytest.raises(ValueError, match="ends inside"):
-        list(tar_members(io.BytesIO(raw[:2000])))
-    flipped = bytearray(raw)
-    flipped[3] ^= 1
-    with pytest.raises(ValueError, match="checksum"):
-        list(tar_members(io.BytesIO(bytes(flipped))))
 
 
 def test_shards_without_samples_stop_training_with_a_message_not_a_hang(tmp_path):

@@ -25,7 +25,7 @@ from data_helpers import encode, image_folder, jpeg_bytes, photo_crop  # noqa: E
 
 from vit_scale.cli import main as vit_scale  # noqa: E402
 from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.pipeline import make_loader  # noqa: E402
+from vit_scale.data.loader import make_loader  # noqa: E402
 from vit_scale.data.shards import ShardWriter  # noqa: E402
 from vit_scale.errors import UserError  # noqa: E402
 

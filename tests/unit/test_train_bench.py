@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from vit_scale.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from train_helpers import free_port  # noqa: E402
 
 TINY = "--width 32 --depth 1 --heads 2 --img 32 --batch 4 --steps 2 --warmup 1".split()
 

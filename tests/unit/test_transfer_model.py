@@ -11,10 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transfer_helpers import official_npz_arrays  # noqa: E402
 
+from vit_scale.checkpoint.weights import load_pretrained  # noqa: E402
 from vit_scale.config import ConfigError, load_config  # noqa: E402
 from vit_scale.evaluate.finetune import build_transfer_model, check_finetune_config  # noqa: E402
 from vit_scale.models import build_model, model_dims  # noqa: E402
-from vit_scale.models.weights import load_pretrained  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "cifar100_vit_b16.yaml"
 

@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transfer_helpers import numpy_vit_logits, official_npz_arrays  # noqa: E402
 
+from vit_scale.checkpoint.weights import build_pretrained, load_pretrained  # noqa: E402
 from vit_scale.config.schema import ModelConfig  # noqa: E402
 from vit_scale.errors import UserError  # noqa: E402
 from vit_scale.models import model_dims  # noqa: E402
-from vit_scale.models.weights import build_pretrained, load_pretrained  # noqa: E402
 
 
 @pytest.mark.parametrize("rep", [None, 24])

@@ -1,4 +1,5 @@
-"""Checkpoints: the commit protocol around DeepSpeed's sharded save, resume selection, retention, export."""
+"""Checkpoints: the commit protocol around DeepSpeed's sharded save, resume selection, retention, export,
+and weight import from runs, checkpoints and other formats (`weights`)."""
 
 
 def load_consolidated_state_dict(ckpt_path):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vit_scale.dist import barrier, is_rank0, rank, world_size
+from vit_scale.dist import barrier, collective_device, is_multi_rank, is_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 
@@ -93,10 +93,11 @@ def _all_finite(engine) -> bool:
         if t.numel() and not torch.isfinite(t).all():
             ok = False
             break
-    flag = torch.tensor([0.0 if ok else 1.0], device=next(engine.module.parameters()).device)
-    if dist.is_initialized():
+    if is_multi_rank():
+        flag = torch.tensor([0.0 if ok else 1.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+        ok = flag.item() == 0.0
+    return ok
 
 
 def _sha256(path: Path) -> str:
@@ -254,7 +255,7 @@ def select(path: Path) -> Selection:
 def select_everywhere(path: Path) -> Selection:
     """`select` on rank 0, the answer broadcast, so every rank loads the same directory."""
     box = [select(path) if is_rank0() else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multi_rank():
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -301,7 +302,7 @@ def _universal_copy(ckpt: Path, scratch: Path) -> Path:
             box[0] = (
                 f"error: DeepSpeed's universal checkpoint conversion of {ckpt} failed: {e!r}\n{log.getvalue()[-2000:]}"
             )
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multi_rank():
         dist.broadcast_object_list(box, src=0)
     if box[0].startswith("error: "):
         raise CheckpointError(box[0][len("error: ") :])

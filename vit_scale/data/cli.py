@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
-import io
-import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
-from vit_scale.data.shards import INDEX_NAME, make_index, parse_labels, read_index
+from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
 from vit_scale.data.sources import FORMATS
 from vit_scale.errors import UserError
-from vit_scale.io import atomic_write_json
 
 USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,synth} ...
 
@@ -86,51 +81,6 @@ def cmd_build(argv: list[str]) -> int:
     return 0
 
 
-def merge_index(directory: str | Path, parts: list[str] | None = None) -> dict:
-    """Join the index.json of each part directory into DIR/index.json (shard names become part/shard)."""
-    directory = Path(directory)
-    part_dirs = (
-        [Path(p) for p in parts] if parts else sorted(p.parent for p in directory.glob("*/" + INDEX_NAME))
-    )
-    if not part_dirs:
-        raise UserError(
-            f"{directory} has no part directories with an {INDEX_NAME}; run the array builds first"
-        )
-    indexes = [read_index(d) for d in part_dirs]
-    counts = {i["build"]["array_count"] for i in indexes if "build" in i}
-    if len(counts) == 1 and (n := counts.pop()) != len(indexes):
-        raise UserError(
-            f"{len(indexes)} parts are complete but the build had --array-count {n}; finish the rest"
-        )
-    classes = indexes[0]["classes"]
-    for d, i in zip(part_dirs, indexes):
-        if i["classes"] != classes:
-            raise UserError(f"{d} has different classes from {part_dirs[0]}; the parts are not of one build")
-    kinds = {i["labels"] for i in indexes if i["num_samples"]}
-    if len(kinds) > 1:
-        raise UserError(f"the parts in {directory} mix single labels and multi-labels; rebuild them alike")
-    shards, skipped = [], []
-    for d, i in zip(part_dirs, indexes):
-        if not d.resolve().is_relative_to(directory.resolve()):
-            raise UserError(
-                f"part {d} is not inside {directory}; the merged index names shards relative to it"
-            )
-        rel = d.resolve().relative_to(directory.resolve())
-        shards += [{**s, "name": f"{rel.as_posix()}/{s['name']}"} for s in i["shards"]]
-        skipped += i["skipped"]
-    extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [d.name for d in part_dirs]}
-    index = make_index(
-        shards,
-        classes=classes,
-        skipped=skipped,
-        split=indexes[0]["split"],
-        labels=kinds.pop() if kinds else "cls",
-        extra=extra,
-    )
-    atomic_write_json(directory / INDEX_NAME, index)
-    return index
-
-
 def cmd_merge(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vit-scale shards merge-index")
     p.add_argument("dir", help="the --out directory the array tasks wrote part-* folders into")
@@ -141,47 +91,11 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
-def verify_shard(path: Path, entry: dict) -> list[str]:
-    """Problems with one shard: size, sha256, sample count, and every image decoding."""
-    from vit_scale.data.transforms import IMAGE_EXTS, decode_rgb
-
-    if not path.exists():
-        return ["missing"]
-    data = path.read_bytes()
-    problems = []
-    if len(data) != entry["bytes"]:
-        problems.append(f"size {len(data)} != {entry['bytes']}")
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        problems.append("sha256 mismatch")
-    samples: dict[str, dict] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"unreadable tar ({e})")
-    if len(samples) != entry["samples"]:
-        problems.append(f"{len(samples)} samples != {entry['samples']}")
-    bad = 0
-    for s in samples.values():
-        ext = next((e for e in IMAGE_EXTS if e in s), None)
-        try:
-            if ext is None or ("cls" not in s and "labels" not in s):
-                raise ValueError
-            decode_rgb(s[ext])
-        except ValueError:
-            bad += 1
-    if bad:
-        problems.append(f"{bad} samples do not decode")
-    return problems
-
-
 def cmd_verify(argv: list[str]) -> int:
     from rich.console import Console
     from rich.progress import track
+
+    from vit_scale.data.verify import verify_shard  # decodes images: torch loads for this command only
 
     p = argparse.ArgumentParser(prog="vit-scale shards verify")
     p.add_argument("dir")
@@ -205,50 +119,10 @@ def cmd_verify(argv: list[str]) -> int:
     return 0
 
 
-def _shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if m.isfile():
-                key, _, ext = m.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
-
-
-def shard_stats(directory: Path) -> dict:
-    """Samples per class, image sizes (from the metadata the builder wrote, else the image) and bytes."""
-    from PIL import Image
-
-    from vit_scale.data.transforms import IMAGE_EXTS
-
-    index = read_index(directory)
-    per_class: Counter = Counter()
-    sizes: list[tuple[int, int]] = []
-    image_bytes = 0
-    for entry in index["shards"]:
-        for s in _shard_samples(directory / entry["name"]).values():
-            if "cls" in s:
-                per_class[int(s["cls"])] += 1
-            elif "labels" in s:
-                per_class.update(parse_labels(s["labels"]))
-            ext = next((e for e in IMAGE_EXTS if e in s), None)
-            if ext is None:
-                continue
-            image_bytes += len(s[ext])
-            meta = json.loads(s["json"]) if "json" in s else {}
-            if "width" in meta and "resized" not in meta:
-                sizes.append((meta["width"], meta["height"]))
-                continue
-            try:
-                with Image.open(io.BytesIO(s[ext])) as im:
-                    sizes.append(im.size)
-            except Exception:  # a broken image has no size; `verify` reports it
-                pass
-    return {"index": index, "per_class": per_class, "sizes": sizes, "image_bytes": image_bytes}
-
-
 def cmd_stats(argv: list[str]) -> int:
     import statistics
+
+    from vit_scale.data.stats import shard_stats  # reads image formats: torch loads for this command only
 
     p = argparse.ArgumentParser(prog="vit-scale shards stats")
     p.add_argument("dir")
@@ -272,6 +146,11 @@ def cmd_stats(argv: list[str]) -> int:
     for cid in sorted(names):
         print(f"  {cid:>6}  {names[cid]:<30} {s['per_class'].get(cid, 0):>8}")
     print(f"skipped inputs: {index['num_skipped']}")
+    if s["unreadable"]:
+        print(
+            f"unreadable shards: {len(s['unreadable'])}, counted up to where they break "
+            f"({', '.join(s['unreadable'][:5])}); run `vit-scale shards verify {a.dir}`"
+        )
     return 0
 
 

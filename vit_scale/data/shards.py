@@ -9,19 +9,19 @@ through `ShardWriter`, so every shard set on disk has the same layout:
 A shard is written as `NAME.tar.tmp` and renamed when complete; tar headers carry fixed owners and times so
 the same inputs give byte-identical shards (and so the same sha256) on every run. After each completed
 shard the writer records its progress in `DIR/.progress.json`, which lets an interrupted build resume at the
-first incomplete shard instead of starting over.
+first incomplete shard instead of starting over. `merge_index` joins the indexes that the parts of a SLURM
+array build wrote into one for the whole set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import tarfile
 from pathlib import Path
 
+from vit_scale.data.tar import TAR_END, member_bytes
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_json, fsync_dir
 
@@ -63,45 +63,17 @@ def normalise_classes(classes) -> list[dict]:
     return out
 
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
-
-
 def sample_bytes(key: str, image: bytes, ext: str, label, meta: dict) -> bytes:
     """One sample's members as tar bytes (headers and padding included), in a fixed member order."""
     kind, label_bytes = label_text(label)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    return b"".join(
+        member_bytes(f"{key}.{suffix}", data)
         for suffix, data in (
             (ext, image),
             (kind, label_bytes),
             ("json", json.dumps(meta, sort_keys=True).encode()),
-        ):
-            tar.addfile(*_tar_member(f"{key}.{suffix}", data))
-    # A closed tarfile ends with two zero blocks and pads to a 10 KiB record: keep only the members.
-    raw = buf.getvalue()
-    end = _members_end(raw)
-    return raw[:end]
-
-
-def _members_end(raw: bytes) -> int:
-    pos = 0
-    while pos + 512 <= len(raw):
-        header = raw[pos : pos + 512]
-        if header == b"\0" * 512:
-            return pos
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        pos += 512 + (size + 511) // 512 * 512
-    return pos
-
-
-_TAR_END = b"\0" * 1024
+        )
+    )
 
 
 class ShardWriter:
@@ -241,9 +213,9 @@ class ShardWriter:
         self._bytes = 0
 
     def _finish_shard(self) -> None:
-        self._file.write(_TAR_END)
-        self._hash.update(_TAR_END)
-        self._bytes += len(_TAR_END)
+        self._file.write(TAR_END)
+        self._hash.update(TAR_END)
+        self._bytes += len(TAR_END)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -283,7 +255,7 @@ class ShardWriter:
         data = sample_bytes(key, image, ext, label, meta)
         if self._file is not None and (
             self._count >= self.shard_size
-            or (self.shard_bytes is not None and self._bytes + len(data) + len(_TAR_END) > self.shard_bytes)
+            or (self.shard_bytes is not None and self._bytes + len(data) + len(TAR_END) > self.shard_bytes)
         ):
             self._finish_shard()
         if self._file is None:
@@ -378,4 +350,49 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not a vit-scale shard index")
     if index.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} has format version {index['version']}; upgrade vit-scale to read it")
+    return index
+
+
+def merge_index(directory: str | Path, parts: list[str] | None = None) -> dict:
+    """Join the index.json of each part directory into DIR/index.json (shard names become part/shard)."""
+    directory = Path(directory)
+    part_dirs = (
+        [Path(p) for p in parts] if parts else sorted(p.parent for p in directory.glob("*/" + INDEX_NAME))
+    )
+    if not part_dirs:
+        raise UserError(
+            f"{directory} has no part directories with an {INDEX_NAME}; run the array builds first"
+        )
+    indexes = [read_index(d) for d in part_dirs]
+    counts = {i["build"]["array_count"] for i in indexes if "build" in i}
+    if len(counts) == 1 and (n := counts.pop()) != len(indexes):
+        raise UserError(
+            f"{len(indexes)} parts are complete but the build had --array-count {n}; finish the rest"
+        )
+    classes = indexes[0]["classes"]
+    for d, i in zip(part_dirs, indexes):
+        if i["classes"] != classes:
+            raise UserError(f"{d} has different classes from {part_dirs[0]}; the parts are not of one build")
+    kinds = {i["labels"] for i in indexes if i["num_samples"]}
+    if len(kinds) > 1:
+        raise UserError(f"the parts in {directory} mix single labels and multi-labels; rebuild them alike")
+    shards, skipped = [], []
+    for d, i in zip(part_dirs, indexes):
+        if not d.resolve().is_relative_to(directory.resolve()):
+            raise UserError(
+                f"part {d} is not inside {directory}; the merged index names shards relative to it"
+            )
+        rel = d.resolve().relative_to(directory.resolve())
+        shards += [{**s, "name": f"{rel.as_posix()}/{s['name']}"} for s in i["shards"]]
+        skipped += i["skipped"]
+    extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [d.name for d in part_dirs]}
+    index = make_index(
+        shards,
+        classes=classes,
+        skipped=skipped,
+        split=indexes[0]["split"],
+        labels=kinds.pop() if kinds else "cls",
+        extra=extra,
+    )
+    atomic_write_json(directory / INDEX_NAME, index)
     return index

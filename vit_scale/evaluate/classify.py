@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from vit_scale.config.schema import DataConfig
+from vit_scale.dist import collective_device, is_multi_rank
+from vit_scale.dist import device as rank_device
 from vit_scale.errors import UserError
 
 
@@ -36,9 +38,9 @@ def evaluate(
     Each rank scores its share; the counts are summed across ranks, so every rank returns the totals.
     """
     from vit_scale.data.transforms import to_model_input
-    from vit_scale.evaluate.common import eval_device, eval_loader
+    from vit_scale.evaluate.common import eval_loader
 
-    device = device or eval_device()
+    device = device or rank_device()
     loader = eval_loader(
         source, data_cfg, img_size=img_size, batch_size=batch_size, rank=rank, world_size=world_size
     )
@@ -67,9 +69,8 @@ def evaluate(
             counts[2] += len(labels)
             advance()
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        on = eval_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-        summed = counts.to(on)
+    if world_size > 1 and is_multi_rank():  # the data was split over the ranks: sum their counts
+        summed = counts.to(collective_device())
         dist.all_reduce(summed)
         counts = summed.cpu()
     hits1, hits5, n, multi = (float(c) for c in counts)
@@ -128,10 +129,10 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from vit_scale.evaluate.common import dataset_name, eval_device
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
+    from vit_scale.evaluate.common import dataset_name
     from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     pre = load_pretrained(args.weights)
     if not pre.model.num_classes:
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
             set_resolution(model, img_size, args.interp)
         except ValueError as e:
             raise UserError(f"--img-size: {e}") from None
-    device = eval_device()
+    device = rank_device()
     model = model.to(device)
     data_cfg = DataConfig(workers=0, labels=args.labels)
     metrics = evaluate(

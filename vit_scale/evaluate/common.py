@@ -10,15 +10,15 @@ import torch.distributed as dist
 from torch import nn
 
 from vit_scale.config.schema import ModelConfig
+from vit_scale.dist import collective_device, is_multi_rank
 from vit_scale.models import build_model
-from vit_scale.train.engine import device as eval_device
 
 SPLIT_NAMES = {"train", "val", "test", "validation", "train800", "val200", "train800val200", "minival"}
 
 
 def eval_loader(source: str, data_cfg, *, img_size: int, batch_size: int, rank: int, world_size: int):
     """One unaugmented pass over `source`, every sample once across ranks (resize + centre crop)."""
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
 
     return make_loader(
         source,
@@ -79,11 +79,10 @@ def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows (rank order); ranks may hold different numbers of rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_multi_rank():
         return t
     world = dist.get_world_size()
-    # gloo gathers on CPU; nccl needs the tensors on this rank's GPU.
-    device = eval_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     t = t.to(device)
     n = torch.tensor([t.shape[0]], device=device)
     sizes = [torch.zeros_like(n) for _ in range(world)]

@@ -134,10 +134,11 @@ def fewshot_metrics(model: nn.Module, cfg: Config, rank: int, world_size: int) -
     so ranks may run different numbers of batches; features are all-gathered, and every rank
     computes the same numbers.
     """
-    from vit_scale.evaluate.common import dataset_name, eval_device, plain_copy
+    from vit_scale.dist import device as rank_device
+    from vit_scale.evaluate.common import dataset_name, plain_copy
 
     e = cfg.eval
-    device = eval_device()
+    device = rank_device()
     copy = plain_copy(model, cfg.model, device)
     # Few-shot sets are single-label even when pretraining is multi-label (JFT-style data.labels=multi).
     data_cfg = dataclasses.replace(cfg.data, mode="exact", augment="center", labels="int", weights=[])
@@ -194,10 +195,11 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from vit_scale.evaluate.common import dataset_name, eval_device
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
+    from vit_scale.dist import device as rank_device
+    from vit_scale.evaluate.common import dataset_name
     from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
@@ -209,7 +211,7 @@ def main(argv: list[str]) -> int:
             set_resolution(model, img_size)
         except ValueError as e:
             raise UserError(f"--img-size: {e}") from None
-    device = eval_device()
+    device = rank_device()
     model = model.to(device).eval()
     data_cfg = DataConfig(workers=0, augment="center")
     rows, details = {}, {}

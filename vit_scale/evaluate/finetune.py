@@ -84,8 +84,8 @@ def build_transfer_model(cfg: Config):
     Rewrites `cfg.model` to describe that model exactly (dimensions from the weights, the new head
     and resolution), so the saved config rebuilds it from its checkpoints.
     """
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.models import reset_head, set_resolution
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     wanted = cfg.model
     pre = load_pretrained(cfg.init, hint=wanted)
@@ -113,11 +113,12 @@ def _evaluate_run(cfg: Config, model, sources: dict[str, str]) -> dict[str, dict
     (bf16 casting, ZeRO-3 partitioning); after a resume that found the run finished, the module
     holds the final checkpoint's weights.
     """
+    from vit_scale.dist import device as rank_device
     from vit_scale.dist import rank, world_size
     from vit_scale.evaluate.classify import evaluate
-    from vit_scale.evaluate.common import eval_device, plain_copy
+    from vit_scale.evaluate.common import plain_copy
 
-    device = eval_device()
+    device = rank_device()
     scored = plain_copy(model, cfg.model, device, keep_head=True)
     img_size = cfg.eval.img_size or cfg.model.img_size
     return {

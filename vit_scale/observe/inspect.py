@@ -7,7 +7,7 @@
 - attention_rollout.png: attention rollout (Abnar & Zuidema, 2020) from the class token to the patches,
   over the given images (Figure 6).
 
-WEIGHTS is anything `vit_scale.models.weights.load_pretrained` reads: a run or checkpoint directory,
+WEIGHTS is anything `vit_scale.checkpoint.weights.load_pretrained` reads: a run or checkpoint directory,
 an export folder, .safetensors, a torch state dict or an official .npz.
 """
 
@@ -196,8 +196,8 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 
 def inspect(weights: str, out: str | Path, image_paths: list[str] = (), noise_images: int = 4, seed: int = 0):
     """Write the pictures into `out`; the written paths by name, and the numbers behind them."""
+    from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.data.transforms import to_model_input
-    from vit_scale.models.weights import build_pretrained, load_pretrained
 
     model = build_pretrained(load_pretrained(weights)).eval()
     out = Path(out)

@@ -17,18 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vit_scale.config import Config, ConfigError, resolve_batch
+from vit_scale.dist import device, free_port, is_multi_rank
 
 
 def backend_name(cfg: Config) -> str:
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
     return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def device() -> torch.device:
-    from vit_scale.dist import local_rank
-
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def init_distributed(cfg: Config) -> None:
@@ -45,7 +40,7 @@ def init_distributed(cfg: Config) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
     # DeepSpeed builds its own groups (a clone of the world group for ZeRO's collectives) with
     # `new_group(ranks)` and no timeout, which gets torch's default of 30 minutes (10 for nccl) instead of
@@ -55,14 +50,6 @@ def init_distributed(cfg: Config) -> None:
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
         c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend_name(cfg), auto_mpi_discovery=False, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def uses_plain_optimizer(cfg: Config) -> bool:
@@ -182,7 +169,7 @@ class NonFiniteGuard:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]).float()
         flag = torch.tensor([0.0 if torch.isfinite(norm) else 1.0], device=norm.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if is_multi_rank():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.overflow = self.optimizer.overflow = bool(flag.item())
         self._global_grad_norm = self.optimizer._global_grad_norm = norm.item()

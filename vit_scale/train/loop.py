@@ -24,12 +24,12 @@ from torch import nn
 from vit_scale.checkpoint import commit
 from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
 from vit_scale.data.transforms import to_model_input
-from vit_scale.dist import is_rank0, on_rank0, rank, world_size
+from vit_scale.dist import device, is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.evaluate.fewshot import fewshot_metrics
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
-from vit_scale.train.engine import build_engine, device, init_distributed
+from vit_scale.train.engine import build_engine, init_distributed
 from vit_scale.train.preempt import Preempted, PreemptionWatch
 
 
@@ -70,7 +70,7 @@ class Counters:
 def reseed_for(seed: int, world: int, step: int) -> int:
     """The stream seed after resuming at `step` with `world` processes. Kept in the checkpoints that
     follow, so a later resume with the same layout rebuilds the same streams."""
-    from vit_scale.data.pipeline import derive_seed
+    from vit_scale.data.streams import derive_seed
 
     return derive_seed(seed, "world", world, "step", step) % 2**31
 
@@ -150,7 +150,7 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
 
 def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = None) -> dict:
     """Train `model` (by default a new one from cfg.model) on cfg.data.train; returns the final figures."""
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
 
     run_dir = Path(run_dir)
     init_distributed(cfg)

@@ -7,7 +7,8 @@ Sources, told apart by what is on disk:
 - the `.npz` layout of google-research/vision_transformer (the paper's released checkpoints).
 
 Every source comes back as a `Pretrained`: the state dict under timm's parameter names plus the
-architecture it describes, so the model can be rebuilt without guessing.
+architecture it describes, so the model can be rebuilt without guessing. It lives beside the checkpoint
+code because it reads how runs are saved; `vit_scale.models` knows only the network.
 """
 
 from __future__ import annotations

@@ -1,0 +1,132 @@
+"""The tar format of shards, in one place: members, samples, and the bytes the shard writer lays down.
+
+Every reader of shards goes through `tar_samples`: the streaming pipeline (`streams.read_shard`), `vit-scale
+shards verify` and `vit-scale shards stats`, so they agree on what a sample is. The rule is WebDataset's, so
+shards written by other WebDataset tools read the same here as there:
+
+- a member's key is its path up to the first dot of its file name, its extension the rest of the file name,
+  lower-cased: `a/b.c/img01.seg.PNG` is member `seg.png` of sample `a/b.c/img01` (WebDataset's
+  `base_plus_ext`); a member whose file name has no dot belongs to no sample and is skipped;
+- consecutive members with the same key make one sample; the same key later in the tar starts another
+  (the shard writer never writes a key twice);
+- WebDataset's metadata, a top-level `__NAME__` file or directory, is skipped, as are links, directories
+  and other entries that are not regular files.
+
+Standard library only: the shard writer imports this module without the pipeline's dependencies.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections.abc import Iterator
+
+TAR_END = b"\0" * 1024  # two zero blocks end an archive
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext's pattern
+_META_DIR = re.compile(r"__[^/]*__($|/)")  # webdataset.tariterators.tar_file_iterator's skip_meta
+
+
+def split_key(name: str) -> tuple[str, str] | tuple[None, None]:
+    """(key, extension) of a member name, or (None, None) when it belongs to no sample (see above)."""
+    match = _KEY_EXT.match(name)
+    if match is None:
+        return None, None
+    return match.group(1), match.group(2)
+
+
+def _is_metadata(name: str) -> bool:
+    if not name.startswith("__"):
+        return False
+    return ("/" not in name and name.endswith("__")) or _META_DIR.match(name) is not None
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field[:1] == b"\x80":  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    return int(field or b"0", 8)
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files in a tar stream, in order, WebDataset's metadata left out.
+
+    A lean reader for the one thing shards need, about 10x cheaper per member than `tarfile` (which was
+    a sixth of the CPU time per image): ustar headers with their checksum checked, GNU long names and pax
+    `path` records; links, directories and other entries are skipped. Raises ValueError on a damaged header
+    or a stream that ends inside a member.
+    """
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or header == bytes(512):
+            if header and header != bytes(512)[: len(header)]:
+                raise ValueError("tar stream ends inside a header")
+            return
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ValueError("tar header checksum mismatch")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = stream.read(size)
+        if len(data) < size:
+            raise ValueError("tar stream ends inside a member")
+        pad = -size % 512
+        if pad and len(stream.read(pad)) < pad:
+            raise ValueError("tar stream ends inside padding")
+        if kind == b"L":
+            long_name = data.rstrip(b"\0").decode()
+            continue
+        if kind == b"x":
+            for record in data.decode().split("\n"):
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+            if prefix:
+                name = f"{prefix}/{name}"
+        if _is_metadata(name):
+            continue
+        yield name, data
+
+
+def tar_samples(stream) -> Iterator[dict]:
+    """The samples of a tar stream: `{"__key__": key, ext: bytes, ...}`, grouped by the rule above.
+
+    A sample is yielded once the next key starts or the archive ends: a stream that breaks (ValueError from
+    `tar_members`) never yields the sample in progress, since nothing tells whether it was complete.
+    """
+    current: dict | None = None
+    for name, data in tar_members(stream):
+        key, ext = split_key(name)
+        if key is None:
+            continue
+        if current is not None and key != current["__key__"]:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key}
+        current[ext.lower()] = data
+    if current is not None:
+        yield current
+
+
+def member_bytes(name: str, data: bytes) -> bytes:
+    """One regular-file member as the shard writer lays it down: a ustar header, the data, zero padding.
+
+    Owner, group, time and mode are fixed, so the same inputs give byte-identical shards (and sha256).
+    """
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
