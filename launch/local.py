@@ -11,13 +11,10 @@ from __future__ import annotations
 import sys
 import uuid
 
-from vit_scale.train.preempt import REQUEUE_EXIT_CODE
 
-FINAL_EXIT_CODES = (REQUEUE_EXIT_CODE, 2)
-
-
-def run(nproc: int, argv: list[str], *, max_restarts: int = 3) -> int:
-    """Run `python -m vit_scale.cli ARGV` as `nproc` local ranks; returns the command's exit status."""
+def run(nproc: int, argv: list[str], *, max_restarts: int, final_exit_codes: tuple[int, ...]) -> int:
+    """Run `python -m vit_scale.cli ARGV` as `nproc` local ranks; returns the command's exit status. A rank
+    exiting with one of `final_exit_codes` ends the group with that code, without a restart."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -37,7 +34,7 @@ def run(nproc: int, argv: list[str], *, max_restarts: int = 3) -> int:
             return 0
         except ChildFailedError as e:
             codes = {f.exitcode for f in e.failures.values()}
-        for code in FINAL_EXIT_CODES:
+        for code in final_exit_codes:
             if code in codes:
                 return code
         if attempt < max_restarts:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_helpers as h  # noqa: E402
+import train_helpers as h
 
-from vit_scale.checkpoint import commit  # noqa: E402
+from vit_scale.checkpoint import commit
 
 pytestmark = pytest.mark.dist
 

@@ -19,8 +19,7 @@ import torch
 from vit_scale.dist import free_port
 from vit_scale.observe import metrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_helpers as h  # noqa: E402
+import train_helpers as h
 
 pytestmark = pytest.mark.dist
 
@@ -147,7 +146,7 @@ def test_sigkill_after_step_20_checkpoint_then_resume_is_bit_exact(tmp_path, sha
 def test_zero3_trains_checkpoints_resumes_and_exports(tmp_path, shards, reference):
     import timm
 
-    from vit_scale.checkpoint.export import main as export_main
+    from vit_scale.commands.export import main as export_main
     from vit_scale.models import build_model
 
     first, second = tmp_path / "first", tmp_path / "second"

@@ -76,7 +76,7 @@ def test_tiny_demo_runs_every_stage_and_prints_the_comparison(tmp_path):
 
 
 def test_demo_refuses_an_out_directory_it_did_not_make(tmp_path):
-    from vit_scale.demo import main
+    from vit_scale.commands.demo import main
     from vit_scale.errors import UserError
 
     (tmp_path / "precious.txt").write_text("not the demo's")

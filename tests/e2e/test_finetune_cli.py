@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from transfer_helpers import write_cifar100_python, write_class_shards, write_vtab_task
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer_helpers import write_cifar100_python, write_class_shards, write_vtab_task  # noqa: E402
-
-from vit_scale.cli import main as cli  # noqa: E402
+from vit_scale.cli import main as cli
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

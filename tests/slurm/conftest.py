@@ -2,14 +2,9 @@
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slurm_helpers import SlurmCluster, make_cluster_dir, unavailable_reason  # noqa: E402
+from slurm_helpers import SlurmCluster, make_cluster_dir, unavailable_reason
 
 
 @pytest.fixture(scope="module")

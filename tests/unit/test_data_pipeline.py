@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import random
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from data_helpers import jpeg_bytes, write_corpus
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_helpers import jpeg_bytes, write_corpus  # noqa: E402
-
-from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.loader import make_loader  # noqa: E402
-from vit_scale.data.shards import ShardWriter  # noqa: E402
-from vit_scale.data.shardset import resolve_shards  # noqa: E402
-from vit_scale.data.streams import EpochStream  # noqa: E402
-from vit_scale.errors import UserError  # noqa: E402
+from vit_scale.config.schema import DataConfig
+from vit_scale.data.loader import make_loader
+from vit_scale.data.shards import ShardWriter
+from vit_scale.data.shardset import resolve_shards
+from vit_scale.data.streams import EpochStream
+from vit_scale.errors import UserError
 
 N = 96  # samples; 12 shards of 8, so 4 ranks × 2 workers still get at least one shard each
 BATCH = 4

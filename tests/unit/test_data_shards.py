@@ -19,15 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_helpers import encode, image_folder, jpeg_bytes, photo_crop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_helpers import encode, image_folder, jpeg_bytes, photo_crop  # noqa: E402
-
-from vit_scale.cli import main as vit_scale  # noqa: E402
-from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.loader import make_loader  # noqa: E402
-from vit_scale.data.shards import ShardWriter  # noqa: E402
-from vit_scale.errors import UserError  # noqa: E402
+from vit_scale.cli import main as vit_scale
+from vit_scale.config.schema import DataConfig
+from vit_scale.data.loader import make_loader
+from vit_scale.data.shards import ShardWriter
+from vit_scale.errors import UserError
 
 
 def index_of(d: Path) -> dict:

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from data_helpers import jpeg_bytes
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_helpers import jpeg_bytes  # noqa: E402
-
-from vit_scale.config.schema import DataConfig  # noqa: E402
-from vit_scale.data.loader import make_loader  # noqa: E402
-from vit_scale.data.shards import ShardWriter, make_index  # noqa: E402
-from vit_scale.data.stats import shard_stats  # noqa: E402
-from vit_scale.data.streams import BAD, read_shard  # noqa: E402
-from vit_scale.data.tar import split_key, tar_members, tar_samples  # noqa: E402
-from vit_scale.data.verify import verify_shard  # noqa: E402
-from vit_scale.io import atomic_write_json  # noqa: E402
+from vit_scale.config.schema import DataConfig
+from vit_scale.data.loader import make_loader
+from vit_scale.data.shards import ShardWriter, make_index
+from vit_scale.data.stats import shard_stats
+from vit_scale.data.streams import BAD, read_shard
+from vit_scale.data.tar import split_key, tar_members, tar_samples
+from vit_scale.data.verify import verify_shard
+from vit_scale.io import atomic_write_json
 
 LONG = "sub/" + "l" * 120  # past ustar's 100-byte name field: a GNU long-name or pax record
 

@@ -7,10 +7,10 @@ import torch
 from vit_scale.errors import UserError
 from vit_scale.evaluate.fewshot import (
     BIAS_CONSTANT,
-    _pairs,
     fewshot_scores,
     linear_fewshot_predict,
     sample_shots,
+    source_pairs,
 )
 
 
@@ -68,7 +68,7 @@ def test_shot_sampling_is_per_class_and_seeded():
 
 def test_bad_inputs_are_user_errors():
     with pytest.raises(UserError, match="one test source per train source"):
-        _pairs("a;b", "c")
+        source_pairs("a;b", "c")
     multi = torch.zeros(4, 3)
     with pytest.raises(UserError, match="single-label"):
         fewshot_scores(torch.zeros(4, 2), multi, torch.zeros(4, 2), multi, [1], 1, 1.0)

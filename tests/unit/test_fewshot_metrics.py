@@ -1,17 +1,13 @@
 """The hook the training loop calls: names, several datasets, multi-label pretraining, model untouched."""
 
-import sys
 from pathlib import Path
 
 import torch
+from transfer_helpers import write_class_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer_helpers import write_class_shards  # noqa: E402
-
-from vit_scale.config import load_config  # noqa: E402
-from vit_scale.evaluate.fewshot import fewshot_metrics  # noqa: E402
-from vit_scale.models import build_model  # noqa: E402
+from vit_scale.config import load_config
+from vit_scale.evaluate.fewshot import fewshot_metrics
+from vit_scale.models import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vit_scale.cli import main as cli_main
+from vit_scale.commands import inspect as inspect_command
 from vit_scale.config.schema import ModelConfig
 from vit_scale.errors import UserError
 from vit_scale.models import build_model
@@ -101,7 +102,7 @@ def test_inspect_writes_the_three_pictures(weights, tmp_path, capsys):
 
 
 def test_without_images_no_rollout_and_default_out(weights, capsys):
-    assert ins.main([str(weights)]) == 0
+    assert inspect_command.main([str(weights)]) == 0
     assert "no --images given" in capsys.readouterr().out
     out = weights.parent / "inspect"
     assert sorted(p.name for p in out.iterdir()) == ["attention_distance.png", "posemb_similarity.png"]

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from vit_scale.cli import main as cli_main
+from vit_scale.commands import report as report_command
 from vit_scale.errors import UserError
-from vit_scale.evaluate.results import write_results
 from vit_scale.observe import report as rep
+from vit_scale.observe.results import write_results
 
 
 def write_metrics(run_dir, rows, tail=""):
@@ -151,7 +152,7 @@ def test_bad_run_directories_are_user_errors(tmp_path, make, message):
 def test_default_output_is_inside_a_single_run(tmp_path, capsys):
     run = tmp_path / "solo"
     write_metrics(run, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
-    assert rep.main([str(run)]) == 0
+    assert report_command.main([str(run)]) == 0
     assert (run / "report" / "index.html").exists() and (run / "report" / "loss.png").exists()
 
 

@@ -1,11 +1,8 @@
 """Where the real SLURM cluster cannot start, tests/slurm skip with a reason that says what is missing."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slurm_helpers import unavailable_reason  # noqa: E402
+from slurm_helpers import unavailable_reason
 
 
 def test_missing_binaries_are_named(monkeypatch, tmp_path):

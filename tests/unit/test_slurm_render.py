@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import slurm
 from vit_scale.cli import main as cli_main
+from vit_scale.commands import slurm
 from vit_scale.errors import UserError
 from vit_scale.train.preempt import REQUEUE_EXIT_CODE
 
@@ -25,6 +25,25 @@ def config(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     return path
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """Starting weights for fine-tune and VTAB jobs: the dry-run checks what the job will, so they exist."""
+    path = tmp_path / "w" / "vit.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.fixture
+def vtab_root(tmp_path):
+    from vit_scale.evaluate.vtab import TASKS
+
+    for task in TASKS:
+        for split in ("train800val200", "test"):
+            (tmp_path / "vtab" / task / split).mkdir(parents=True)
+    return tmp_path / "vtab"
 
 
 def dry_run(capsys, *argv) -> str:
@@ -111,18 +130,20 @@ def test_cpu_defaults_one_rank_per_node_and_cpus_from_workers(capsys, config):
     assert f"--output={Path.cwd() / 'runs' / 'tiny'}/slurm/%x-%j.out" in lines  # run.dir's default
 
 
-def test_finetune_runs_the_finetune_command(capsys, config):
-    out = dry_run(capsys, "finetune", str(config), "--gpus-per-node", "1")
-    assert f"-m vit_scale.cli finetune {config} --run-dir" in out
+def test_finetune_runs_the_finetune_command(capsys, config, weights, tmp_path):
+    data = f"data.train={tmp_path} data.test={tmp_path}".split()
+    out = dry_run(capsys, "finetune", str(config), f"init={weights}", *data, "--gpus-per-node", "1")
+    assert f"-m vit_scale.cli finetune {config} init={weights} {' '.join(data)} --run-dir" in out
     assert "--signal=USR1@300" in sbatch_lines(out)
 
 
-def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path):
+def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path, weights, vtab_root):
     out = dry_run(
         capsys,
         "vtab",
         str(config),
-        "init=/w/vit.pt",
+        f"init={weights}",
+        f"eval.vtab_data={vtab_root}",
         "--tasks",
         "dtd,svhn,eurosat",
         "--gpus-per-node",
@@ -140,15 +161,17 @@ def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path
     assert "--gpus-per-node=1" in lines
     assert "TASKS=(dtd svhn eurosat)" in array
     assert array.strip().endswith(
-        f'vtab {config} init=/w/vit.pt --task "$task" --run-dir {tmp_path / "v"}/"$task"'
+        f'vtab {config} init={weights} eval.vtab_data={vtab_root} --task "$task" --run-dir {tmp_path / "v"}/"$task"'
     )
     assert "--partition=p" in sbatch_lines(table)
     assert not any(line.startswith("--gpus") for line in sbatch_lines(table))
-    assert table.strip().endswith(f"vtab {config} init=/w/vit.pt --collect --run-dir {tmp_path / 'v'}")
+    assert table.strip().endswith(
+        f"vtab {config} init={weights} eval.vtab_data={vtab_root} --collect --run-dir {tmp_path / 'v'}"
+    )
 
 
-def test_vtab_defaults_to_all_19(capsys, config):
-    out = dry_run(capsys, "vtab", str(config))
+def test_vtab_defaults_to_all_19(capsys, config, weights, vtab_root):
+    out = dry_run(capsys, "vtab", str(config), f"init={weights}", f"eval.vtab_data={vtab_root}")
     assert "--array=0-18" in sbatch_lines(out)
 
 
@@ -273,3 +296,21 @@ def test_rank_wrapper_turns_the_requeue_code_into_a_mark(
     )
     assert done.returncode == wrapper_exit
     assert mark.exists() == marked
+
+
+@pytest.mark.parametrize(
+    "kind, extra, message",
+    [
+        ("finetune", [], "fine-tuning needs starting weights: set init=PATH"),
+        ("finetune", ["init=/nonexistent/w.pt"], "init=/nonexistent/w.pt does not exist"),
+        ("vtab", [], "name the VTAB-1k data"),
+        ("pretrain", ["optim.lr=-1"], "optim.lr=-1.0 must be a finite number > 0.0"),
+        ("pretrain", ["train.global_batch=7"], "train.global_batch=7 is not divisible by train.grad_accum=1 × world size 2"),
+    ],
+)
+def test_dry_run_refuses_what_the_job_would_refuse(capsys, config, kind, extra, message):
+    """The same validation pass as the job's ranks, for the job's world size (2 nodes x 1 GPU here)."""
+    with pytest.raises(UserError) as e:
+        nodes = ["--nodes", "2"] if kind != "vtab" else []  # a VTAB array task runs on one node
+        slurm.main([kind, str(config), *extra, *nodes, "--gpus-per-node", "1", "--dry-run"])
+    assert message in str(e.value)

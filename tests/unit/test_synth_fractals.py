@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vit_scale.commands.shards import cmd_synth
 from vit_scale.data import synth
 from vit_scale.errors import UserError
 
@@ -89,7 +90,7 @@ def test_order_puts_every_class_in_every_stretch():
 def test_bad_sizes_are_user_errors(argv, tmp_path):
     argv[-1] = str(tmp_path / "out")
     with pytest.raises(UserError, match="fractals"):
-        synth.main(argv)
+        cmd_synth(argv)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,20 +1,15 @@
 """`vit-scale eval`: top-1/top-5 and precision@1 over real shards equal a count done by hand."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from transfer_helpers import class_images
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer_helpers import class_images  # noqa: E402
-
-from vit_scale.cli import main as cli  # noqa: E402
-from vit_scale.data.shards import ShardWriter  # noqa: E402
+from vit_scale.cli import main as cli
+from vit_scale.data.shards import ShardWriter
 
 
 def _png(pixels):

@@ -1,20 +1,20 @@
 """The model a fine-tune starts from: new zero head, interpolated position embeddings, body intact."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transfer_helpers import official_npz_arrays
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer_helpers import official_npz_arrays  # noqa: E402
-
-from vit_scale.checkpoint.weights import load_pretrained  # noqa: E402
-from vit_scale.config import ConfigError, load_config  # noqa: E402
-from vit_scale.evaluate.finetune import build_transfer_model, check_finetune_config  # noqa: E402
-from vit_scale.models import build_model, model_dims  # noqa: E402
+from vit_scale.checkpoint.weights import load_pretrained
+from vit_scale.config import (
+    ConfigError,
+    load_config,
+    validate,
+)
+from vit_scale.evaluate.finetune import build_transfer_model
+from vit_scale.models import build_model, model_dims
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "cifar100_vit_b16.yaml"
 
@@ -70,7 +70,7 @@ def test_bad_finetune_configs_name_the_setting(tmp_path, npz):
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-            check_finetune_config(load_config(RECIPE, overrides))
+            validate(load_config(RECIPE, overrides), 1, "finetune")
     cfg = load_config(RECIPE, [f"init={npz}", "model.img_size=36"])
     with pytest.raises(ConfigError, match="model.img_size=36"):
         build_transfer_model(cfg)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vit_scale.errors import UserError
-from vit_scale.evaluate.results import read_results, table_from_runs, write_results
+from vit_scale.observe.results import read_results, table_from_runs, write_results
 
 
 def _run(tmp_path, name, model, datasets, summary=None):

@@ -3,8 +3,8 @@
 import pytest
 
 from vit_scale.errors import UserError
-from vit_scale.evaluate.results import write_results
 from vit_scale.evaluate.vtab import GROUPS, TASKS, collect, select_tasks, summarise, task_name
+from vit_scale.observe.results import write_results
 
 
 def test_task_table_matches_the_paper():

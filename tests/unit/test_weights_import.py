@@ -1,22 +1,17 @@
 """Weight import: the official .npz layout, timm state dicts and safetensors give the source's logits."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
+from transfer_helpers import numpy_vit_logits, official_npz_arrays
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfer_helpers import numpy_vit_logits, official_npz_arrays  # noqa: E402
-
-from vit_scale.checkpoint.weights import build_pretrained, load_pretrained  # noqa: E402
-from vit_scale.config.schema import ModelConfig  # noqa: E402
-from vit_scale.errors import UserError  # noqa: E402
-from vit_scale.models import model_dims  # noqa: E402
+from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
+from vit_scale.config.schema import ModelConfig
+from vit_scale.errors import UserError
+from vit_scale.models import model_dims
 
 
 @pytest.mark.parametrize("rep", [None, 24])

@@ -7,7 +7,6 @@ missing or unexpected keys, and the folder can be uploaded to the Hub as it is.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -97,19 +96,3 @@ def export(ckpt_path: str | Path, out_dir: str | Path, dtype: str = "fp32") -> P
     atomic_write_bytes(out / "model.safetensors", save(sd, metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", config)
     return out
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="vit-scale export",
-        description="Consolidate a checkpoint (any ZeRO stage) into a timm / Hugging Face Hub model folder.",
-    )
-    p.add_argument(
-        "ckpt", help="a run directory (its newest committed checkpoint) or one checkpoint directory"
-    )
-    p.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    args = p.parse_args(argv)
-    out = export(args.ckpt, args.out, args.dtype)
-    print(f"vit-scale export: wrote {out / 'model.safetensors'} and {out / 'config.json'}")
-    return 0

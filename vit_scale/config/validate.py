@@ -215,7 +215,7 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError("give only one of train.steps, train.epochs, train.examples")
 
 
-def _index_classes(source: str) -> int:
+def index_classes(source: str) -> int:
     """Classes a shard directory's index.json declares; 0 when it cannot tell (patterns, pipes)."""
     index = Path(source) / "index.json"
     if not index.is_file():
@@ -243,7 +243,7 @@ def _check_finetune(cfg: Config) -> None:
         raise ConfigError("after the sweep the final run is scored on data.test; set data.test=SHARDS")
     if not (cfg.data.test or cfg.data.val):
         raise ConfigError("nothing would score the fine-tuned model: set data.test=SHARDS (or data.val)")
-    declared = _index_classes(cfg.data.train)
+    declared = index_classes(cfg.data.train)
     if declared and declared != cfg.model.num_classes:
         raise ConfigError(
             f"model.num_classes={cfg.model.num_classes} but {cfg.data.train} has {declared} classes; "

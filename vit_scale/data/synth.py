@@ -15,7 +15,6 @@ worker processes, and the corpus can be made as large as a throughput test needs
 
 from __future__ import annotations
 
-import argparse
 import io
 import multiprocessing
 import os
@@ -239,45 +238,3 @@ def _progress(enabled: bool):
 
 
 # ---------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vit-scale shards synth",
-        description="Build an embedded corpus as shards: formula-driven fractals (pretraining) or "
-        "scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
-    )
-    sub = p.add_subparsers(dest="corpus", required=True)
-    f = sub.add_parser("fractals", help="FractalDB-style IFS fractals, one class per random IFS")
-    f.add_argument("--classes", type=int, required=True, help="number of categories (random IFS)")
-    f.add_argument("--per-class", type=int, required=True, help="instances per category")
-    f.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    f.add_argument("--out", required=True, help="output directory for the shards and index.json")
-    f.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes (default 0)")
-    f.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    f.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="samples per shard")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d = sub.add_parser("digits", help="scikit-learn's 1,797 handwritten digits, fixed train/test split")
-    d.add_argument("--size", type=int, default=32, help="image side after upsampling (default 32)")
-    d.add_argument("--out", required=True, help="output directory; gets train/ and test/")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.corpus == "digits":
-        from vit_scale.data.digits import write_digits
-
-        write_digits(args.out, size=args.size)
-        return 0
-    write_fractals(
-        args.out,
-        classes=args.classes,
-        per_class=args.per_class,
-        size=args.size,
-        seed=args.seed,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        progress=not args.no_progress,
-    )
-    return 0

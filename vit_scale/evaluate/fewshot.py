@@ -12,7 +12,6 @@ weights from the command line; the training loop calls `fewshot_metrics` on all 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def extract(
     return gather_rows(x), gather_rows(y)
 
 
-def _pairs(train: str, test: str) -> list[tuple[str, str]]:
+def source_pairs(train: str, test: str) -> list[tuple[str, str]]:
     """(train, test) shard sources: `;` separates several datasets, paired in order."""
     trains = [s.strip() for s in train.split(";") if s.strip()]
     tests = [s.strip() for s in test.split(";") if s.strip()]
@@ -144,7 +143,7 @@ def fewshot_metrics(model: nn.Module, cfg: Config, rank: int, world_size: int) -
     data_cfg = dataclasses.replace(cfg.data, mode="exact", augment="center", labels="int", weights=[])
     img_size = e.img_size or cfg.model.img_size
     out: dict[str, float] = {}
-    for train, test in _pairs(e.fewshot_train, e.fewshot_test):
+    for train, test in source_pairs(e.fewshot_train, e.fewshot_test):
         kw = dict(img_size=img_size, batch_size=e.batch_size, rank=rank, world_size=world_size, device=device)
         x_train, y_train = extract(copy, train, data_cfg, **kw)
         x_test, y_test = extract(copy, test, data_cfg, **kw)
@@ -161,89 +160,54 @@ def fewshot_metrics(model: nn.Module, cfg: Config, rank: int, world_size: int) -
 # ---------------------------------------------------------------- vit-scale fewshot
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="vit-scale fewshot",
-        description="Few-shot linear evaluation of frozen representations (regularised least squares).",
-    )
-    parser.add_argument(
-        "weights", help="checkpoint or run dir, export folder, .safetensors, timm state dict or .npz"
-    )
-    parser.add_argument(
-        "--train", required=True, help="shard source the shots are drawn from (';' for several)"
-    )
-    parser.add_argument(
-        "--test", required=True, help="shard source scored (';' for several, paired with --train)"
-    )
-    parser.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="default 1,5,10,25")
-    parser.add_argument("--seeds", type=int, default=3, help="draws of the shots per setting (default 3)")
-    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation (default 1.0)")
-    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the weights')")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument(
-        "--run-dir", default=None, help="where results.json goes (default runs/fewshot_<weights>)"
-    )
-    args = parser.parse_args(argv)
-
+def fewshot_run(
+    weights: str,
+    train: str,
+    test: str,
+    run_dir: str | Path,
+    *,
+    shots: list[int],
+    seeds: int,
+    l2: float,
+    img_size: int | None = None,
+    batch_size: int = 256,
+) -> dict:
+    """Few-shot linear evaluation of the frozen representation of `weights` on each `train`/`test` pair
+    (';'-separated), in this process; writes and returns RUN_DIR/results.json."""
     from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
     from vit_scale.dist import device as rank_device
     from vit_scale.evaluate.common import dataset_name
-    from vit_scale.evaluate.results import weights_label, write_results
     from vit_scale.models import set_resolution
+    from vit_scale.observe.results import weights_label, write_results
 
-    if args.seeds < 1:
-        raise UserError("--seeds must be at least 1")
-    pre = load_pretrained(args.weights)
+    pre = load_pretrained(weights)
     model = build_pretrained(pre)
-    img_size = args.img_size or pre.model.img_size
+    img_size = img_size or pre.model.img_size
     if img_size != pre.model.img_size:
         try:
             set_resolution(model, img_size)
         except ValueError as e:
-            raise UserError(f"--img-size: {e}") from None
+            raise UserError(f"image size {img_size}: {e}") from None
     device = rank_device()
     model = model.to(device).eval()
     data_cfg = DataConfig(workers=0, augment="center")
     rows, details = {}, {}
-    for train, test in _pairs(args.train, args.test):
-        kw = dict(img_size=img_size, batch_size=args.batch_size, rank=0, world_size=1, device=device)
-        x_train, y_train = extract(model, train, data_cfg, **kw)
-        x_test, y_test = extract(model, test, data_cfg, **kw)
+    for train_source, test_source in source_pairs(train, test):
+        kw = dict(img_size=img_size, batch_size=batch_size, rank=0, world_size=1, device=device)
+        x_train, y_train = extract(model, train_source, data_cfg, **kw)
+        x_test, y_test = extract(model, test_source, data_cfg, **kw)
         if not len(x_train) or not len(x_test):
-            raise UserError(f"few-shot sources {train} / {test} hold no samples")
-        name = dataset_name(train)
-        for shots, (mean, std) in fewshot_scores(
-            x_train, y_train, x_test, y_test, args.shots, args.seeds, args.l2
-        ).items():
-            rows[f"{name} {shots}-shot"] = {"top1": mean, "top1_std": std, "n": len(x_test)}
-            print(f"{name:<20} {shots:>3}-shot  {100 * mean:6.2f} ± {100 * std:.2f} %")
-        details[name] = {"train": train, "test": test, "train_samples": len(x_train)}
-    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}")
-    path = write_results(
-        run_dir,
-        {
-            "kind": "fewshot",
-            "model": weights_label(args.weights),
-            "metric": "top1",
-            "datasets": rows,
-            "details": {
-                "weights": str(args.weights),
-                "seeds": args.seeds,
-                "l2": args.l2,
-                "img_size": img_size,
-                "sources": details,
-            },
-        },
-    )
-    print(f"wrote {path}")
-    return 0
+            raise UserError(f"few-shot sources {train_source} / {test_source} hold no samples")
+        name = dataset_name(train_source)
+        for n, (mean, std) in fewshot_scores(x_train, y_train, x_test, y_test, shots, seeds, l2).items():
+            rows[f"{name} {n}-shot"] = {"top1": mean, "top1_std": std, "n": len(x_test)}
+        details[name] = {"train": train_source, "test": test_source, "train_samples": len(x_train)}
+    results = {
+        "kind": "fewshot",
+        "model": weights_label(weights),
+        "metric": "top1",
+        "datasets": rows,
+        "details": {"weights": str(weights), "seeds": seeds, "l2": l2, "img_size": img_size, "sources": details},
+    }
+    write_results(run_dir, results)
+    return results

@@ -7,28 +7,18 @@ writes them:
     ROOT/<task>/test/             the full test split (reported)
     ROOT/<task>/train800/, ROOT/<task>/val200/   only for `--sweep` (learning rate chosen on val200)
 
-Commands:
-
-    vit-scale vtab WEIGHTS --data ROOT [--tasks a,b] [--sweep] [key=value ...]   every task, then the table
-    vit-scale vtab WEIGHTS --data ROOT --task-index I --run-dir RUN               one task (RUN/<task>)
-    vit-scale vtab CONFIG init=WEIGHTS eval.vtab_data=ROOT --task NAME --run-dir RUN/NAME   (SLURM array)
-    vit-scale vtab WEIGHTS --collect --run-dir RUN                                the table from RUN/<task>/
-
-The recipe is configs/vtab/vtab1k.yaml (the paper's single setting: lr 0.01, 2,500 steps, 384 px);
-`--config` or a .yaml first argument replaces it. With `--task` the run directory is the task's own;
-otherwise tasks run in RUN/<task>/ and RUN/results.json + RUN/results.md hold the table.
+The commands that run it are in vit_scale.commands.vtab (`vit-scale vtab --help`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
-from vit_scale.config import Config, ConfigError, load_config
-from vit_scale.dist import is_rank0, on_rank0
+from vit_scale.config import Config, ConfigError
+from vit_scale.dist import on_rank0
 from vit_scale.errors import UserError
-from vit_scale.evaluate.results import RESULTS, read_results, weights_label, write_results
+from vit_scale.observe.results import RESULTS, read_results, write_results
 
 # The paper's 19 tasks (Appendix, VTAB-1k): group and number of classes.
 TASKS: dict[str, tuple[str, int]] = {
@@ -58,7 +48,6 @@ ALIASES = {
     "oxford_pet": "oxford_iiit_pet",
     "flowers102": "oxford_flowers102",
 }
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "vtab" / "vtab1k.yaml"
 
 
 def task_name(name: str) -> str:
@@ -85,7 +74,7 @@ def select_tasks(root: str | None, names: str | None) -> list[str]:
 
 def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
     """The fine-tune config of one task: its splits, and its class count (from index.json when given)."""
-    from vit_scale.evaluate.finetune import _index_classes
+    from vit_scale.config.validate import index_classes
 
     cfg = copy.deepcopy(base)
     d = Path(root) / task
@@ -94,7 +83,7 @@ def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
             raise UserError(
                 f"VTAB task {task} lacks {d / split}; build it with `vit-scale shards build --format vtab`"
             )
-    cfg.model.num_classes = _index_classes(str(d / "test")) or TASKS[task][1]
+    cfg.model.num_classes = index_classes(str(d / "test")) or TASKS[task][1]
     cfg.data.test = str(d / "test")
     if sweep:
         cfg.sweep.lr = cfg.sweep.lr or [0.001, 0.003, 0.01, 0.03]
@@ -105,6 +94,18 @@ def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
         cfg.data.train, cfg.data.val = str(d / "train800val200"), ""
     cfg.run.name = f"{base.run.name}-{task}"
     return cfg
+
+
+def check_tasks(base: Config, root: str, tasks: list[str], sweep: bool, world_size: int) -> None:
+    """The validation pass for every task's fine-tune config, before any task runs or is queued."""
+    from vit_scale.config import validate
+
+    if not root:
+        raise ConfigError("name the VTAB-1k data: --data ROOT (or eval.vtab_data=ROOT)")
+    if not base.init:
+        raise ConfigError("name the pretrained weights: vit-scale vtab WEIGHTS ... (or init=WEIGHTS)")
+    for task in tasks:
+        validate(task_config(base, root, task, sweep), world_size, "finetune")
 
 
 def run_task(base: Config, root: str, task: str, run_dir: str | Path, sweep: bool, label: str) -> dict:
@@ -155,121 +156,3 @@ def collect(run_dir: str | Path, label: str | None = None) -> dict:
     results = summarise(per_task, label or (names.pop() if len(names) == 1 else run_dir.name))
     on_rank0(write_results, run_dir, results)
     return results
-
-
-def _split_positional(first: str, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """WEIGHTS, or a .yaml recipe with init=WEIGHTS among the overrides (the SLURM template's form)."""
-    if first.endswith((".yaml", ".yml")):
-        return first, overrides
-    return None, [f"init={first}", *overrides]
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="vit-scale vtab",
-        description="Fine-tune and evaluate on the VTAB-1k tasks; write one table.",
-        epilog=__doc__.split("Commands:")[1].split("The recipe")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("weights", help="pretrained weights (or a .yaml recipe with init=WEIGHTS)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value settings, e.g. train.steps=100")
-    parser.add_argument("--data", default=None, help="VTAB-1k root with ROOT/<task>/<split>/ shards")
-    parser.add_argument(
-        "--config",
-        default=None,
-        help=f"recipe (default {DEFAULT_RECIPE.relative_to(DEFAULT_RECIPE.parents[2])})",
-    )
-    parser.add_argument(
-        "--tasks", default=None, help="comma-separated task names (default: every task under --data)"
-    )
-    one = parser.add_mutually_exclusive_group()
-    one.add_argument("--task", default=None, help="run this one task only (its run dir is --run-dir)")
-    one.add_argument(
-        "--task-index", type=int, default=None, help="run the I-th selected task only (SLURM arrays)"
-    )
-    one.add_argument("--collect", action="store_true", help="only write the table from finished tasks")
-    parser.add_argument(
-        "--sweep", action="store_true", help="pick the lr on val200 from sweep.lr before the final run"
-    )
-    parser.add_argument("--run-dir", default=None, help="default runs/vtab_<weights>")
-    parser.add_argument(
-        "--nproc", type=int, help="start this many local processes (not under torchrun / srun)"
-    )
-    args = parser.parse_intermixed_args(argv)
-
-    recipe, overrides = _split_positional(args.weights, args.overrides)
-    if args.data:
-        overrides = [*overrides, f"eval.vtab_data={args.data}"]
-    cfg = load_config(args.config or recipe or DEFAULT_RECIPE, overrides)
-    label = weights_label(cfg.init) if cfg.init else "weights"
-    default_dir = Path("runs") / f"vtab_{label}"
-    run_dir = Path(args.run_dir or (cfg.run.dir if recipe or args.config else default_dir))
-    if args.collect:
-        collect(run_dir, label)
-        print(f"wrote {run_dir / RESULTS}")
-        return 0
-    root = cfg.eval.vtab_data
-    if not root:
-        raise ConfigError("name the VTAB-1k data: --data ROOT (or eval.vtab_data=ROOT)")
-    if not cfg.init:
-        raise ConfigError("name the pretrained weights: vit-scale vtab WEIGHTS ... (or init=WEIGHTS)")
-    if args.task:
-        args.task = task_name(args.task)  # refuse an unknown name before any process starts
-    from vit_scale.evaluate.finetune import launch_or_run
-
-    rank_argv = _without_nproc(argv)
-    return launch_or_run(
-        "vtab",
-        args,
-        rank_argv,
-        lambda: _check_tasks(cfg, args, root),
-        lambda: _run_tasks(cfg, args, root, run_dir, label),
-    )
-
-
-def _check_tasks(cfg: Config, args, root: str) -> None:
-    from vit_scale.evaluate.finetune import check_finetune_config
-
-    for task in [args.task] if args.task else select_tasks(root, args.tasks):
-        check_finetune_config(task_config(cfg, root, task, args.sweep))
-
-
-def _run_tasks(cfg: Config, args, root: str, run_dir: Path, label: str) -> int:
-    if args.task:
-        res = run_task(cfg, root, args.task, run_dir, args.sweep, label)
-        _print_task(args.task, res)
-        return 0
-    tasks = select_tasks(root, args.tasks)
-    if args.task_index is not None:
-        if not 0 <= args.task_index < len(tasks):
-            raise UserError(
-                f"--task-index {args.task_index} is outside the {len(tasks)} selected tasks (0..{len(tasks) - 1})"
-            )
-        tasks = [tasks[args.task_index]]
-    for task in tasks:
-        res = run_task(cfg, root, task, run_dir / task, args.sweep, label)
-        _print_task(task, res)
-    if args.task_index is None:
-        results = collect(run_dir, label)
-        if is_rank0():
-            mean = next(reversed(results["summary"].items()))
-            print(f"{mean[0]}: {100 * mean[1]['top1']:.2f}%; wrote {run_dir / RESULTS}")
-    return 0
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-def _print_task(task: str, res: dict) -> None:
-    if is_rank0():
-        scores = next(iter(res["datasets"].values()))
-        print(f"{task}: top-1 {100 * scores.get('top1', scores.get('prec1', 0.0)):.2f}%")

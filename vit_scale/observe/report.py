@@ -6,7 +6,6 @@ plot. The page embeds the plots, so it can be mailed or copied as one file; the 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -276,7 +275,7 @@ def results_html(runs: list[Run]) -> str:
     with_results = [r for r in runs if r.results is not None]
     if not with_results:
         return ""
-    from vit_scale.evaluate.results import render_table
+    from vit_scale.observe.results import render_table
 
     try:
         table = render_table([r.results for r in with_results])
@@ -338,24 +337,3 @@ def report(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> tuple[d
     written["html"] = out / "index.html"
     atomic_write_text(written["html"], render_page(runs, plots, missing))
     return written, runs
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vit-scale report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument(
-        "--out", help="output directory (default: RUN_DIR/report for one run, ./report for several)"
-    )
-    args = p.parse_args(argv)
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else Path("report"))
-    )
-    written, runs = report(args.run_dirs, out)
-    skipped = sum(r.bad_lines for r in runs)
-    plots = [p.name for k, p in written.items() if k != "html"]
-    print(f"wrote {written['html']} with {len(plots)} plots ({', '.join(plots) or 'none'})")
-    if skipped:
-        print(f"skipped {skipped} unreadable line(s) in {METRICS}")
-    return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections import Counter
 from pathlib import Path
 
+from vit_scale.data import synth
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
 from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
 from vit_scale.data.sources import FORMATS
@@ -154,20 +154,56 @@ def cmd_stats(argv: list[str]) -> int:
     return 0
 
 
+def _synth_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vit-scale shards synth",
+        description="Build an embedded corpus as shards: formula-driven fractals (pretraining) or "
+        "scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
+    )
+    sub = p.add_subparsers(dest="corpus", required=True)
+    f = sub.add_parser("fractals", help="FractalDB-style IFS fractals, one class per random IFS")
+    f.add_argument("--classes", type=int, required=True, help="number of categories (random IFS)")
+    f.add_argument("--per-class", type=int, required=True, help="instances per category")
+    f.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    f.add_argument("--out", required=True, help="output directory for the shards and index.json")
+    f.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes (default 0)")
+    f.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    f.add_argument("--shard-size", type=int, default=synth.SHARD_SIZE, help="samples per shard")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = sub.add_parser("digits", help="scikit-learn's 1,797 handwritten digits, fixed train/test split")
+    d.add_argument("--size", type=int, default=32, help="image side after upsampling (default 32)")
+    d.add_argument("--out", required=True, help="output directory; gets train/ and test/")
+    return p
+
+
+def cmd_synth(argv: list[str]) -> int:
+    args = _synth_parser().parse_args(argv)
+    if args.corpus == "digits":
+        from vit_scale.data.digits import write_digits
+
+        write_digits(args.out, size=args.size)
+        return 0
+    synth.write_fractals(
+        args.out,
+        classes=args.classes,
+        per_class=args.per_class,
+        size=args.size,
+        seed=args.seed,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "merge-index": cmd_merge, "verify": cmd_verify, "stats": cmd_stats, "synth": cmd_synth}
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "synth":
-        try:
-            synth = importlib.import_module("vit_scale.data.synth")
-        except ModuleNotFoundError as e:
-            if e.name != "vit_scale.data.synth":
-                raise
-            raise UserError("`shards synth` is not available in this installation") from None
-        return int(synth.main(rest) or 0)
-    commands = {"build": cmd_build, "merge-index": cmd_merge, "verify": cmd_verify, "stats": cmd_stats}
-    if cmd not in commands:
-        raise UserError(f"unknown subcommand {cmd!r}; use one of build, merge-index, verify, stats, synth")
-    return commands[cmd](rest)
+    if cmd not in COMMANDS:
+        raise UserError(f"unknown subcommand {cmd!r}; use one of {', '.join(COMMANDS)}")
+    return COMMANDS[cmd](rest)

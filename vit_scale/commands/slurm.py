@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vit_scale.errors import UserError
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 KINDS = ("pretrain", "finetune", "shards", "vtab")
 
 # SLURM's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]].
@@ -157,12 +157,13 @@ def _cpus(args, workers: int) -> int:
     return cpus
 
 
-def _config(args, world_size: int):
-    """The config as the job will load it, validated for the job's world size before anything is queued."""
+def _config(args, kind: str, world_size: int):
+    """The config as the job will load it, through the validation pass the job's ranks will run, for the
+    job's world size, before anything is queued."""
     from vit_scale.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
-    validate(cfg, world_size)
+    validate(cfg, world_size, kind)
     return cfg
 
 
@@ -190,7 +191,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
                 "the job would be told to stop as it starts; lower --signal-seconds or raise --time"
             )
         tasks_per_node = max(gpus, 1)
-        cfg = _config(args, args.nodes * tasks_per_node)
+        cfg = _config(args, kind, args.nodes * tasks_per_node)
         run_dir = Path(args.run_dir or cfg.run.dir).resolve()
         command = _vit_scale(
             kind, _q(Path(args.config).resolve()), *map(shlex.quote, args.overrides), "--run-dir", _q(run_dir)
@@ -218,7 +219,11 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
             raise UserError(f"--tasks names unknown VTAB-1k datasets {unknown}; known: {', '.join(TASKS)}")
-        cfg = _config(args, max(gpus, 1))
+        from vit_scale.config import load_config
+        from vit_scale.evaluate.vtab import check_tasks
+
+        cfg = load_config(args.config, args.overrides)
+        check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1))  # what each array task checks
         run_dir = Path(args.run_dir or cfg.run.dir).resolve()
         name = _safe("--job-name", args.job_name or f"{cfg.run.name}-vtab")
         recipe = [_q(Path(args.config).resolve()), *map(shlex.quote, args.overrides)]

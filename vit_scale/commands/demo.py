@@ -11,10 +11,10 @@
 5. renders the report of all runs;
 6. prints one table: pretrained vs baseline accuracy, few-shot accuracy, images/s and time per stage.
 
-Every stage runs the real `vit-scale` command in its own process, so a stage sees exactly what a user
-typing the command would, and one stage's process group or threads never leak into the next. A command
-that is not installed yet is reported as skipped; a stage that fails is reported with its exit status,
-and the stages that need its output are skipped.
+Training stages start their ranks as `vit-scale pretrain|finetune --nproc N` would (the command layer's one
+launcher), so a stage sees what a user typing the command would, and one stage's process group never leaks
+into the next; the other stages call the library in this process. A stage that fails is reported with
+its error, and the stages that need its output are skipped.
 
 The size knobs (see `vit-scale demo --help`) scale every stage. With the defaults, measured 2026-11-26 on
 a 2-core AMD EPYC VM shared with other work (load ~3.5): corpora 24 s, pretraining 273 s (250 images/s),
@@ -25,19 +25,16 @@ with --pretrain-steps and --finetune-steps; the corpus with --classes x --per-cl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vit_scale.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 PRETRAIN_CONFIG = CONFIGS / "pretrain_fractals.yaml"
 FINETUNE_CONFIG = CONFIGS / "finetune_digits.yaml"
 FEWSHOT_SHOTS = (1, 5, 10, 25)
@@ -95,47 +92,43 @@ class Demo:
         return next(s for s in self.stages if s.name == name)
 
 
-# ---------------------------------------------------------------- running the real commands
+# ---------------------------------------------------------------- running stages
 
 
-def _available(command: str) -> bool:
-    from vit_scale.cli import COMMANDS
-
-    try:
-        return importlib.util.find_spec(COMMANDS[command][0]) is not None
-    except ModuleNotFoundError:
-        return False
+def _share_cores(nproc: int) -> None:
+    """The environment the training ranks inherit: one thread per rank and core instead of each rank
+    spinning a thread per core, and never the network in a demo."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def _child_env(nproc: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # Share the cores between the ranks instead of letting each one spin a thread per core.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
-    env.setdefault("WANDB_MODE", "offline")  # never reach for the network in a demo
-    return env
+def _train(stage: Stage, command: str, argv: list[str], nproc: int) -> bool:
+    """`vit-scale COMMAND ARGV` on `nproc` local ranks, timed; False (and the stage marked) when it fails."""
+    from vit_scale.commands.ranks import start_local
 
-
-def _run(stage: Stage, argv: list[str], nproc: int = 1, torchrun: bool = False) -> bool:
-    """Run `vit-scale ARGV` in a new process, timing it; False (and the stage marked) when it fails.
-
-    With `torchrun`, `nproc` ranks are started by torch's own launcher (a command without --nproc).
-    """
-    command = argv[0]
-    if not _available(command):
-        stage.status = f"skipped: `vit-scale {command}` is not available yet"
-        stage.path = None
-        return False
-    launcher = (
-        ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if torchrun else []
-    )
-    shown = f"torchrun --standalone --nproc-per-node={nproc} -m vit_scale.cli" if torchrun else "vit-scale"
-    _announce(stage.name, f"{shown} {' '.join(argv)}")
+    _announce(stage.name, f"vit-scale {command} {' '.join(argv)} --nproc {nproc}")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *launcher, "-m", "vit_scale.cli", *argv], env=_child_env(nproc))
+    # A demo stops at the first failure and says so rather than retrying a broken stage.
+    code = start_local(command, nproc, argv, max_restarts=0)
     stage.seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        stage.status = f"failed: `vit-scale {' '.join(argv[:1])}` exited with {proc.returncode}"
+    if code != 0:
+        stage.status = f"failed: `vit-scale {command}` exited with {code}"
         return False
+    stage.status = "done"
+    return True
+
+
+def _in_process(stage: Stage, what: str, work) -> bool:
+    """Run `work()` here, timed; a user error marks the stage failed with its message."""
+    _announce(stage.name, what)
+    start = time.perf_counter()
+    try:
+        work()
+    except UserError as e:
+        stage.status = f"failed: {e}"
+        return False
+    finally:
+        stage.seconds = time.perf_counter() - start
     stage.status = "done"
     return True
 
@@ -253,17 +246,8 @@ def pretrain(demo: Demo) -> None:
         f"train.steps={k.pretrain_steps}",
         f"checkpoint.every_steps={max(1, k.pretrain_steps // 3)}",
     ]
-    # A demo should stop at the first failure and say so, not retry a broken stage (--max-restarts 0).
-    argv = [
-        "pretrain",
-        str(PRETRAIN_CONFIG),
-        *overrides,
-        "--run-dir",
-        str(stage.path),
-        "--nproc",
-        str(k.nproc),
-    ]
-    if _run(stage, [*argv, "--max-restarts", "0"], nproc=k.nproc):
+    argv = [str(PRETRAIN_CONFIG), *overrides, "--run-dir", str(stage.path)]
+    if _train(stage, "pretrain", argv, k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _final_loss(stage.path)
 
@@ -285,8 +269,8 @@ def finetune(demo: Demo, name: str, weights: str) -> None:
     ]
     # On as many single-threaded ranks as pretraining: a second thread per process stalls whenever anything
     # else wants a core, while separate ranks keep going.
-    argv = ["finetune", str(FINETUNE_CONFIG), *overrides, "--run-dir", str(stage.path)]
-    if _run(stage, argv, nproc=k.nproc, torchrun=k.nproc > 1):
+    argv = [str(FINETUNE_CONFIG), *overrides, "--run-dir", str(stage.path)]
+    if _train(stage, "finetune", argv, k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _accuracy_text(stage.path)
 
@@ -325,21 +309,22 @@ def fewshot(demo: Demo, name: str, weights: str) -> None:
         return
     stage.path = demo.runs / name.replace(" ", "_").replace("-", "")
     digits_dir = demo.data / "digits"
-    argv = [
-        "fewshot",
-        str(source.path),
-        "--train",
-        str(digits_dir / "train"),
-        "--test",
-        str(digits_dir / "test"),
-        "--shots",
-        ",".join(map(str, FEWSHOT_SHOTS)),
-        "--img-size",
-        str(demo.knobs.finetune_size),
-        "--run-dir",
-        str(stage.path),
-    ]
-    if _run(stage, argv):
+
+    def work():
+        from vit_scale.evaluate.fewshot import fewshot_run
+
+        fewshot_run(
+            str(source.path),
+            str(digits_dir / "train"),
+            str(digits_dir / "test"),
+            stage.path,
+            shots=list(FEWSHOT_SHOTS),
+            seeds=3,
+            l2=1.0,
+            img_size=demo.knobs.finetune_size,
+        )
+
+    if _in_process(stage, f"few-shot linear probes of {source.path} on {digits_dir}", work):
         stage.result = _accuracy_text(stage.path)
 
 
@@ -356,7 +341,13 @@ def report(demo: Demo) -> None:
         stage.status = "skipped: no finished runs"
         return
     stage.path = demo.knobs.out / "report"
-    _run(stage, ["report", *map(str, runs), "--out", str(stage.path)])
+
+    def work():
+        from vit_scale.observe.report import report as write_report
+
+        write_report(runs, stage.path)
+
+    _in_process(stage, f"report of {len(runs)} runs into {stage.path}", work)
 
 
 # ---------------------------------------------------------------- reading what the runs wrote
@@ -550,6 +541,7 @@ def main(argv: list[str]) -> int:
     from vit_scale.io import atomic_write_json
 
     demo = Demo(knobs)
+    _share_cores(knobs.nproc)
     fresh_runs(demo)
     start = time.perf_counter()
     build_corpora(demo)

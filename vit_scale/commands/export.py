@@ -1,0 +1,23 @@
+"""`vit-scale export CKPT --out DIR`: a checkpoint (any ZeRO stage) as a timm / Hugging Face Hub folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from vit_scale.checkpoint.export import export
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="vit-scale export",
+        description="Consolidate a checkpoint (any ZeRO stage) into a timm / Hugging Face Hub model folder.",
+    )
+    p.add_argument(
+        "ckpt", help="a run directory (its newest committed checkpoint) or one checkpoint directory"
+    )
+    p.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    args = p.parse_args(argv)
+    out = export(args.ckpt, args.out, args.dtype)
+    print(f"vit-scale export: wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0

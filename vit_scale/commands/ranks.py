@@ -1,0 +1,71 @@
+"""The one way a command that trains starts: N local ranks (`--nproc N`), or this process as one rank of
+a launcher's job (torchrun, the deepspeed launcher, an srun task, or a plain single process).
+
+The settings are validated for the world size before any rank starts, and again by every rank for the
+world it finds; a run that checkpointed for preemption or its time limit exits with REQUEUE_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+from launch import env, local
+from vit_scale.dist import on_rank0
+from vit_scale.errors import UserError
+from vit_scale.train.preempt import REQUEUE_EXIT_CODE, Preempted
+
+Checked = TypeVar("Checked")
+LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
+
+
+def add_launch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, help="start this many local processes (not under torchrun / srun)")
+    parser.add_argument(
+        "--max-restarts", type=int, default=3, help="with --nproc: restarts of a group whose rank crashed"
+    )
+
+
+def rank_argv(argv: list[str]) -> list[str]:
+    """The command line each started rank runs: this one without the options that start ranks."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCH_OPTIONS:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            out.append(a)
+    return out
+
+
+def start_local(command: str, nproc: int, argv: list[str], *, max_restarts: int) -> int:
+    """`vit-scale COMMAND ARGV` as `nproc` local ranks; its exit status. A user error or a requeue request
+    of a rank ends the group at once: a restart would only repeat it."""
+    return local.run(
+        nproc, [command, *argv], max_restarts=max_restarts, final_exit_codes=(REQUEUE_EXIT_CODE, UserError.exit_code)
+    )
+
+
+def run_ranks(
+    command: str,
+    args: argparse.Namespace,
+    argv: list[str],
+    check: Callable[[int], Checked],
+    body: Callable[[Checked], int],
+) -> int:
+    """With `--nproc N` outside a launcher: `check(N)`, then N local ranks each running `vit-scale COMMAND
+    ARGV` (restarted after a crash up to --max-restarts times). Otherwise this process is one rank:
+    `body(check(world_size))`."""
+    if args.nproc is not None and not env.under_launcher():
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+        check(args.nproc)  # refuse before any process starts
+        return start_local(command, args.nproc, rank_argv(argv), max_restarts=args.max_restarts)
+    checked = check(env.apply())
+    try:
+        return int(body(checked) or 0)
+    except Preempted as e:
+        on_rank0(print, f"vit-scale {command}: {e}")
+        return e.exit_code
