@@ -320,7 +320,6 @@ def fewshot(demo: Demo, name: str, weights: str) -> None:
             stage.path,
             shots=list(FEWSHOT_SHOTS),
             seeds=3,
-            l2=1.0,
             img_size=demo.knobs.finetune_size,
         )
 

@@ -36,7 +36,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="default 1,5,10,25")
     parser.add_argument("--seeds", type=int, default=3, help="draws of the shots per setting (default 3)")
-    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation (default 1.0)")
+    parser.add_argument(
+        "--l2",
+        type=float,
+        default=None,
+        help="ridge penalty (default: chosen per fit by leave-one-out cross-validation within the shots)",
+    )
     parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the weights')")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
@@ -46,6 +51,8 @@ def main(argv: list[str]) -> int:
 
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
+    if args.l2 is not None and args.l2 <= 0:
+        raise UserError(f"--l2 must be positive, got {args.l2}; leave it out to cross-validate it")
     run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}")
     results = fewshot_run(
         args.weights, args.train, args.test, run_dir,
