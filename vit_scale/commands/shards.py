@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from vit_scale.data import synth
+from vit_scale.data import glyphs, synth
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
 from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
 from vit_scale.data.sources import FORMATS
@@ -18,7 +18,7 @@ USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,synth} ...
   merge-index DIR            join the indexes of a SLURM array build (DIR/part-*/index.json)
   verify DIR                 re-read every shard: counts, sha256, every image decodes
   stats DIR                  counts per class, image sizes, bytes
-  synth ...                  embedded synthetic corpora (fractals, digits)
+  synth ...                  embedded synthetic corpora (fractals, glyphs, digits)
 """
 
 
@@ -157,8 +157,8 @@ def cmd_stats(argv: list[str]) -> int:
 def _synth_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vit-scale shards synth",
-        description="Build an embedded corpus as shards: formula-driven fractals (pretraining) or "
-        "scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
+        description="Build an embedded corpus as shards: formula-driven fractals or font-drawn glyphs "
+        "(pretraining), or scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
     )
     sub = p.add_subparsers(dest="corpus", required=True)
     f = sub.add_parser("fractals", help="FractalDB-style IFS fractals, one class per random IFS")
@@ -170,6 +170,17 @@ def _synth_parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     f.add_argument("--shard-size", type=int, default=synth.SHARD_SIZE, help="samples per shard")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = sub.add_parser("glyphs", help="letters and symbols (no digits) drawn from fonts as optdigits scans")
+    g.add_argument(
+        "--classes", type=int, default=len(glyphs.CHARS), help=f"characters, at most {len(glyphs.CHARS)} (default all)"
+    )
+    g.add_argument("--per-class", type=int, required=True, help="instances per character")
+    g.add_argument("--size", type=int, default=32, help="image side after upsampling the 8x8 counts (default 32)")
+    g.add_argument("--out", required=True, help="output directory for the shards and index.json")
+    g.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes (default 0)")
+    g.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    g.add_argument("--shard-size", type=int, default=glyphs.SHARD_SIZE, help="samples per shard")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("digits", help="scikit-learn's 1,797 handwritten digits, fixed train/test split")
     d.add_argument("--size", type=int, default=32, help="image side after upsampling (default 32)")
     d.add_argument("--out", required=True, help="output directory; gets train/ and test/")
@@ -182,6 +193,18 @@ def cmd_synth(argv: list[str]) -> int:
         from vit_scale.data.digits import write_digits
 
         write_digits(args.out, size=args.size)
+        return 0
+    if args.corpus == "glyphs":
+        glyphs.write_glyphs(
+            args.out,
+            classes=args.classes,
+            per_class=args.per_class,
+            size=args.size,
+            seed=args.seed,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            progress=not args.no_progress,
+        )
         return 0
     synth.write_fractals(
         args.out,
