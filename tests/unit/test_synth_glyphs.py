@@ -108,3 +108,9 @@ def test_command_line_builds_shards_that_verify(tmp_path):
         jpeg = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
     image = Image.open(io.BytesIO(jpeg))
     assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (24, 24))
+
+
+def test_the_demo_defaults_to_every_class():
+    from vit_scale.commands.demo import CORPORA
+
+    assert CORPORA["glyphs"].classes == CORPORA["glyphs"].most_classes == len(glyphs.CHARS)

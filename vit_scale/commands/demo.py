@@ -1,9 +1,10 @@
 """`vit-scale demo`: the whole system on embedded data, on a laptop-class CPU, with no download.
 
-1. builds the two embedded corpora: FractalDB-style fractals (pretraining) and scikit-learn's digits
-   (transfer), through the same shard writer as real data;
-2. pretrains a small ViT on the fractals on `--nproc` local processes, DeepSpeed ZeRO-2, bf16,
-   activation checkpointing, committing checkpoints as it goes (configs/demo/pretrain_fractals.yaml);
+1. builds the two embedded corpora through the same shard writer as real data: the pretraining corpus
+   (`--corpus`: by default glyphs, 65 letters and symbols with no digits drawn from fonts the way optdigits
+   scanned its handwriting; or FractalDB-style fractals) and scikit-learn's digits (transfer);
+2. pretrains a small ViT on it on `--nproc` local processes, DeepSpeed ZeRO-2, bf16, activation
+   checkpointing, committing checkpoints as it goes (configs/demo/pretrain_<corpus>.yaml);
 3. fine-tunes it on the digits at a higher resolution (position embeddings interpolated), and the same
    architecture from scratch with the same budget (configs/demo/finetune_digits.yaml);
 4. few-shot linear evaluation on the digits of the frozen pretrained representation, and of the same
@@ -35,8 +36,24 @@ from pathlib import Path
 from vit_scale.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-PRETRAIN_CONFIG = CONFIGS / "pretrain_fractals.yaml"
 FINETUNE_CONFIG = CONFIGS / "finetune_digits.yaml"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A pretraining corpus the demo can make: its recipe and its default size."""
+
+    config: Path
+    classes: int
+    per_class: int
+    what: str  # for the table's title: "what pretraining on WHAT bought"
+    most_classes: int | None = None  # None: any number
+
+
+CORPORA = {
+    "glyphs": Corpus(CONFIGS / "pretrain_glyphs.yaml", 65, 300, "glyphs (no digits)", most_classes=65),
+    "fractals": Corpus(CONFIGS / "pretrain_fractals.yaml", 20, 400, "fractals"),
+}
 FEWSHOT_SHOTS = (1, 5, 10, 25)
 MARKER = ".vit-scale-demo"
 
@@ -46,11 +63,12 @@ class Knobs:
     """The demo's size: every stage's cost follows from these."""
 
     out: Path = Path("runs/demo")
-    classes: int = 20  # fractal categories: few enough to be learnt in the demo's pretraining steps
-    per_class: int = 400  # instances per category
+    corpus: str = "glyphs"  # a key of CORPORA
+    classes: int | None = None  # pretraining classes (default: the corpus's, CORPORA)
+    per_class: int | None = None  # instances per class (default: the corpus's)
     pretrain_size: int = 24  # pretraining resolution (px)
     finetune_size: int = 32  # fine-tuning resolution (px): higher, so position embeddings are resampled
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
     finetune_steps: int = 400
     nproc: int = 2  # local processes for pretraining (ZeRO-2 shards optimizer state and gradients over them)
     workers: int | None = None  # processes for corpus generation (default: all cores)
@@ -186,26 +204,21 @@ def fresh_runs(demo: Demo) -> None:
 
 
 def build_corpora(demo: Demo) -> None:
-    from vit_scale.data import digits, synth
+    from vit_scale.data import digits, glyphs, synth
 
     k = demo.knobs
-    fractals = demo.stage("fractal corpus")
+    stage = demo.stage(f"{k.corpus} corpus")
     n = k.classes * k.per_class
     # Enough shards that every pretraining rank and loader worker has its own.
     shard_size = max(1, min(synth.SHARD_SIZE, n // (4 * k.nproc)))
-    recipe = {
-        "corpus": "fractals",
-        "seed": 0,
-        "classes": k.classes,
-        "per_class": k.per_class,
-        "size": k.pretrain_size,
-    }
+    recipe = {"corpus": k.corpus, "seed": 0, "classes": k.classes, "per_class": k.per_class, "size": k.pretrain_size}
+    write = synth.write_fractals if k.corpus == "fractals" else glyphs.write_glyphs
     _corpus(
-        fractals,
-        demo.data / "fractals",
+        stage,
+        demo.data / k.corpus,
         recipe,
-        lambda: synth.write_fractals(
-            demo.data / "fractals",
+        lambda: write(
+            demo.data / k.corpus,
             classes=k.classes,
             per_class=k.per_class,
             size=k.pretrain_size,
@@ -213,8 +226,8 @@ def build_corpora(demo: Demo) -> None:
             shard_size=shard_size,
         ),
     )
-    fractals.images_per_s = n / fractals.seconds if fractals.status == "done" and fractals.seconds else None
-    fractals.result = f"{n:,} images, {k.classes} classes, {k.pretrain_size} px"
+    stage.images_per_s = n / stage.seconds if stage.status == "done" and stage.seconds else None
+    stage.result = f"{n:,} images, {k.classes} classes, {k.pretrain_size} px"
 
     digit_stage = demo.stage("digits corpus")
     recipe = {
@@ -236,17 +249,17 @@ def build_corpora(demo: Demo) -> None:
 def pretrain(demo: Demo) -> None:
     k = demo.knobs
     stage = demo.stage("pretrain")
-    if not _needs(stage, demo.get("fractal corpus")):
+    if not _needs(stage, demo.get(f"{k.corpus} corpus")):
         return
     stage.path = demo.runs / "pretrain"
     overrides = [
-        f"data.train={demo.data / 'fractals'}",
+        f"data.train={demo.data / k.corpus}",
         f"model.num_classes={k.classes}",
         f"model.img_size={k.pretrain_size}",
         f"train.steps={k.pretrain_steps}",
         f"checkpoint.every_steps={max(1, k.pretrain_steps // 3)}",
     ]
-    argv = [str(PRETRAIN_CONFIG), *overrides, "--run-dir", str(stage.path)]
+    argv = [str(CORPORA[k.corpus].config), *overrides, "--run-dir", str(stage.path)]
     if _train(stage, "pretrain", argv, k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _final_loss(stage.path)
@@ -288,7 +301,7 @@ def random_init(demo: Demo) -> None:
     stage = demo.stage("random init")
     start = time.perf_counter()
     cfg = load_config(
-        PRETRAIN_CONFIG, [f"model.img_size={k.pretrain_size}", f"model.num_classes={k.classes}"]
+        CORPORA[k.corpus].config, [f"model.img_size={k.pretrain_size}", f"model.num_classes={k.classes}"]
     )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
@@ -446,7 +459,7 @@ def print_tables(demo: Demo, data: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    headline = Table(title="Digits test top-1: what pretraining on fractals bought")
+    headline = Table(title=f"Digits test top-1: what pretraining on {CORPORA[demo.knobs.corpus].what} bought")
     headline.add_column("evaluation")
     headline.add_column("pretrained", justify="right")
     headline.add_column("baseline", justify="right")
@@ -480,16 +493,22 @@ def _parser() -> argparse.ArgumentParser:
     d = Knobs()
     p = argparse.ArgumentParser(
         prog="vit-scale demo",
-        description="The whole system on embedded data: fractal corpus, ZeRO-2 pretraining on local "
+        description="The whole system on embedded data: glyph or fractal corpus, ZeRO-2 pretraining on local "
         "processes, fine-tuning on digits (pretrained and from scratch), few-shot, report, one table.",
     )
     p.add_argument(
         "--out", type=Path, default=d.out, help=f"where data, runs and report go (default {d.out})"
     )
-    p.add_argument("--classes", type=int, default=d.classes, help=f"fractal categories (default {d.classes})")
     p.add_argument(
-        "--per-class", type=int, default=d.per_class, help=f"images per category (default {d.per_class})"
+        "--corpus",
+        choices=sorted(CORPORA),
+        default=d.corpus,
+        help=f"pretraining corpus (default {d.corpus}): letters and symbols drawn like the digits, or fractals",
     )
+    defaults = ", ".join(f"{name} {c.classes}" for name, c in CORPORA.items())
+    p.add_argument("--classes", type=int, default=None, help=f"pretraining classes (default: {defaults})")
+    defaults = ", ".join(f"{name} {c.per_class}" for name, c in CORPORA.items())
+    p.add_argument("--per-class", type=int, default=None, help=f"images per class (default: {defaults})")
     p.add_argument(
         "--pretrain-size",
         type=int,
@@ -519,6 +538,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     knobs = Knobs(**{k: getattr(args, k) for k in vars(Knobs())})
+    corpus = CORPORA[knobs.corpus]
+    knobs.classes = corpus.classes if knobs.classes is None else knobs.classes
+    knobs.per_class = corpus.per_class if knobs.per_class is None else knobs.per_class
     for name in (
         "classes",
         "per_class",
@@ -532,8 +554,10 @@ def main(argv: list[str]) -> int:
             raise UserError(f"demo: --{name.replace('_', '-')} must be positive, got {getattr(knobs, name)}")
     if knobs.classes < 2:
         raise UserError("demo: --classes must be at least 2")
+    if corpus.most_classes is not None and knobs.classes > corpus.most_classes:
+        raise UserError(f"demo: the {knobs.corpus} have {corpus.most_classes} classes; --classes {knobs.classes}")
 
-    if not PRETRAIN_CONFIG.is_file() or not FINETUNE_CONFIG.is_file():
+    if not corpus.config.is_file() or not FINETUNE_CONFIG.is_file():
         raise UserError(
             f"demo: its recipes {CONFIGS} are missing; run it from a source checkout (`pip install -e .`)"
         )
