@@ -8,8 +8,10 @@ Allowed values of enumerated settings are typed in the schema (`Literal[...]`) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -159,6 +161,32 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers, e.g. [0.9, 0.999]")
 
 
+def _strings(obj, prefix: str = ""):
+    """(dotted key, text) of every string setting, list elements included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _strings(value, f"{prefix}{f.name}.")
+        elif isinstance(value, str):
+            yield f"{prefix}{f.name}", value
+        elif isinstance(value, list):
+            yield from ((f"{prefix}{f.name}", v) for v in value if isinstance(v, str))
+
+
+def check_text(cfg: Config) -> None:
+    """String settings become paths, names, table cells and lines of job scripts: a control character (a
+    newline, CR, NUL, an escape) in one would split or garble them, and text that is not UTF-8 cannot be
+    written into config.yaml."""
+    for key, value in _strings(cfg):
+        bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise ConfigError(f"{key}={value!r} holds the control character {bad!r}; remove it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}={value!r} is not valid UTF-8 text") from None
+
+
 # ---------------------------------------------------------------- combinations
 
 
@@ -254,6 +282,7 @@ def _check_finetune(cfg: Config) -> None:
 def validate(cfg: Config, world_size: int, kind: Kind = "pretrain") -> Batch:
     """Raise ConfigError on a value out of range or an impossible or unsafe combination of settings for
     `world_size` processes; return how the global batch splits over them."""
+    check_text(cfg)
     check_ranges(cfg)
     _check_model(cfg)
     _check_parallel(cfg, world_size)
