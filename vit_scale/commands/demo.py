@@ -139,7 +139,7 @@ def _announce(name: str, what: str) -> None:
 
     console = Console(stderr=True, highlight=False)
     console.rule(f"[bold]{name}")
-    console.print(what, soft_wrap=True)
+    console.print(what, soft_wrap=True, markup=False)  # paths, not markup
 
 
 def _needs(stage: Stage, *deps: Stage) -> bool:
@@ -446,7 +446,7 @@ def print_tables(demo: Demo, data: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and error messages, not markup
     headline = Table(title="Digits test top-1: what pretraining on fractals bought")
     headline.add_column("evaluation")
     headline.add_column("pretrained", justify="right")

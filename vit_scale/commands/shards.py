@@ -102,7 +102,7 @@ def cmd_verify(argv: list[str]) -> int:
     a = p.parse_args(argv)
     directory = Path(a.dir)
     index = read_index(directory)
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # shard names and problems quote files as they are
     failed = 0
     rows = []
     for entry in track(index["shards"], description="verifying", console=console, transient=True):
