@@ -29,6 +29,7 @@ from vit_scale.errors import UserError
 from vit_scale.evaluate.fewshot import fewshot_metrics
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
+from vit_scale.observe.progress import Progress
 from vit_scale.train.engine import build_engine, device, init_distributed
 from vit_scale.train.preempt import Preempted, PreemptionWatch
 
@@ -246,6 +247,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
         model_dims(cfg.model), cfg.model.img_size, cfg.model.num_classes, cfg.model.pool != "avg"
     )
     peak = metrics.peak_tflops(cfg.logging.peak_tflops)
+    window = metrics.Window(world, loader.num_samples, flops_per_image, peak)
     fewshot = fewshot_metrics if cfg.eval.fewshot_every_steps > 0 else None
 
     def save(reason: str) -> float:
@@ -270,10 +272,8 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     dtype = model_dtype(cfg)
     watch = PreemptionWatch()
     data_iter = iter(loader)
-    window = Window()
     last_save_time, last_save_s, last_saved_step = time.monotonic(), 0.0, counters.step
-    step_s = 0.0
-    progress = _progress(cfg, steps, counters.step)
+    progress = Progress(cfg.logging.progress and is_rank0(), steps, counters.step)
     engine.train()
     try:
         while counters.step < steps:
@@ -296,8 +296,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
                 )
 
             if counters.step % cfg.logging.every_steps == 0 or counters.step == steps:
-                record = window.record(counters, engine, loader.num_samples, world, flops_per_image, peak)
-                step_s = record.pop("_step_s")
+                record = window.record(engine, counters.step, counters.samples, counters.skipped_steps)
                 if log is not None:
                     log.log(record)
             if fewshot is not None and counters.step % cfg.eval.fewshot_every_steps == 0:
@@ -309,12 +308,11 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
                 engine.train()
                 if log is not None:
                     log.log({"step": counters.step, **extra})
-            if progress is not None:
-                progress.update(counters.step)
+            progress.update(counters.step)
 
             every = cfg.checkpoint.every_steps
             due = every > 0 and counters.step % every == 0 and counters.step < steps
-            to_next = (every - counters.step % every) * step_s if every > 0 else float("inf")
+            to_next = (every - counters.step % every) * window.step_s if every > 0 else float("inf")
             minutes = cfg.checkpoint.every_minutes
             if minutes > 0:
                 to_next = min(to_next, last_save_time + 60 * minutes - time.monotonic())
@@ -322,7 +320,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
                 break  # done: the final save below, whatever was requested meanwhile
             # The deadline test asks: would the run still be writing its next checkpoint at the deadline?
             # Without a checkpoint schedule, "next" is one more step and a save.
-            horizon = (to_next if math.isfinite(to_next) else 0.0) + step_s + last_save_s
+            horizon = (to_next if math.isfinite(to_next) else 0.0) + window.step_s + last_save_s
             timed, stop = agree(
                 minutes > 0 and time.monotonic() - last_save_time >= 60 * minutes,
                 watch.stop_requested(horizon),
@@ -348,8 +346,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     finally:
         data_iter.close()  # stops the DataLoader workers now, whether the loop ended or raised
         watch.restore()
-        if progress is not None:
-            progress.close()
+        progress.close()
         if log is not None:
             log.close()
     return {
@@ -361,79 +358,3 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
         "bad_samples": loader.bad_samples,
         "run_dir": str(run_dir),
     }
-
-
-class Window:
-    """Per-step figures since the last logging step; losses stay on the device until they are logged."""
-
-    def __init__(self):
-        self.losses: list[torch.Tensor] = []
-        self.seconds = 0.0
-        self.data_seconds = 0.0
-        self.last_loss: float | None = None
-        self.last_images_per_s: float | None = None
-        self.lr = 0.0
-
-    def add(self, loss: torch.Tensor, seconds: float, data_seconds: float, lr: float) -> None:
-        self.losses.append(loss)
-        self.lr = lr
-        self.seconds += seconds
-        self.data_seconds += data_seconds
-
-    def record(
-        self, c: Counters, engine, num_samples: int, world: int, flops_per_image: float, peak: float | None
-    ) -> dict:
-        steps = len(self.losses)
-        local = torch.stack(self.losses).float()
-        if dist.is_initialized() and world > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
-            local /= world
-        finite = [v for v in local.tolist() if math.isfinite(v)]
-        loss = sum(finite) / len(finite) if finite else None
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
-        images = steps * engine.train_batch_size()
-        rec = {
-            "step": c.step,
-            "epoch": c.samples / num_samples if num_samples > 0 else None,
-            "samples": c.samples,
-            "loss": loss,
-            "lr": self.lr,
-            "grad_norm": grad_norm,
-            "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)),
-            "skipped_steps": c.skipped_steps,
-            **metrics.throughput(images, self.seconds, self.data_seconds, world, flops_per_image, peak),
-            "peak_mem_gb": metrics.peak_memory_gb(),
-            "_step_s": self.seconds / steps,
-        }
-        self.last_loss, self.last_images_per_s = loss, rec["images_per_s"]
-        self.losses, self.seconds, self.data_seconds = [], 0.0, 0.0
-        return rec
-
-
-class _Progress:
-    def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self._p = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._p.start()
-        self._task = self._p.add_task("train", total=total, completed=done)
-
-    def update(self, step: int) -> None:
-        self._p.update(self._task, completed=step)
-
-    def close(self) -> None:
-        self._p.stop()
-
-
-def _progress(cfg: Config, total: int, done: int) -> _Progress | None:
-    """A progress line on rank 0 of interactive runs; batch jobs read metrics.jsonl instead."""
-    if not (cfg.logging.progress and is_rank0() and sys.stderr.isatty()):
-        return None
-    return _Progress(total, done)
