@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_scale.checkpoint import commit
+from vit_scale.checkpoint.policy import CheckpointPolicy
 from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
 from vit_scale.data.transforms import to_model_input
 from vit_scale.dist import is_rank0, on_rank0, rank, world_size
@@ -31,7 +32,7 @@ from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
 from vit_scale.observe.progress import Progress
 from vit_scale.train.engine import build_engine, device, init_distributed
-from vit_scale.train.preempt import Preempted, PreemptionWatch
+from vit_scale.train.preempt import DEADLINE_REASON, Preempted, PreemptionWatch, job_deadline
 
 
 class TrainingHalted(UserError):
@@ -270,9 +271,10 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     # ---- steps
     loss_fn = loss_function(cfg)
     dtype = model_dtype(cfg)
+    ck = cfg.checkpoint
+    policy = CheckpointPolicy(ck.every_steps, ck.every_minutes, job_deadline(), counters.step)
     watch = PreemptionWatch()
     data_iter = iter(loader)
-    last_save_time, last_save_s, last_saved_step = time.monotonic(), 0.0, counters.step
     progress = Progress(cfg.logging.progress and is_rank0(), steps, counters.step)
     engine.train()
     try:
@@ -310,29 +312,18 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
                     log.log({"step": counters.step, **extra})
             progress.update(counters.step)
 
-            every = cfg.checkpoint.every_steps
-            due = every > 0 and counters.step % every == 0 and counters.step < steps
-            to_next = (every - counters.step % every) * window.step_s if every > 0 else float("inf")
-            minutes = cfg.checkpoint.every_minutes
-            if minutes > 0:
-                to_next = min(to_next, last_save_time + 60 * minutes - time.monotonic())
             if counters.step == steps:
                 break  # done: the final save below, whatever was requested meanwhile
-            # The deadline test asks: would the run still be writing its next checkpoint at the deadline?
-            # Without a checkpoint schedule, "next" is one more step and a save.
-            horizon = (to_next if math.isfinite(to_next) else 0.0) + window.step_s + last_save_s
-            timed, stop = agree(
-                minutes > 0 and time.monotonic() - last_save_time >= 60 * minutes,
-                watch.stop_requested(horizon),
-            )
+            near = policy.deadline_near(counters.step, window.step_s)
+            due, stop = agree(policy.save_due(counters.step), watch.requested or near)
             if stop:
-                if counters.step > last_saved_step:
+                if policy.unsaved(counters.step):
                     save("preempt")
-                raise Preempted(f"stopped at step {counters.step} for requeue: {watch.reason or 'requested'}")
-            if due or timed:
-                last_save_s = save("interval")
-                last_save_time, last_saved_step = time.monotonic(), counters.step
-        if cfg.checkpoint.save_final and counters.step > last_saved_step:
+                why = watch.reason or (DEADLINE_REASON if near else "requested")
+                raise Preempted(f"stopped at step {counters.step} for requeue: {why}")
+            if due:
+                policy.saved(counters.step, save("interval"))
+        if ck.save_final and policy.unsaved(counters.step):
             save("final")
     except RuntimeError as e:
         if not PeerLost.matches(e):
