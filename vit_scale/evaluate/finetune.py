@@ -151,9 +151,10 @@ def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]
     cfg.checkpoint.save_final = True  # a finished run must be resumable into its final weights
     model, pre = build_transfer_model(cfg)
     on_rank0(save_config, cfg, run_dir / "config.yaml")  # describes the fine-tuned model exactly
+    from vit_scale.evaluate.hooks import training_hooks
     from vit_scale.train.loop import train
 
-    summary = train(cfg, run_dir, model=model)
+    summary = train(cfg, run_dir, model=model, hooks=training_hooks(cfg))
     scores = _evaluate_run(cfg, model, eval_sources)
     out = {
         "lr": cfg.optim.lr,

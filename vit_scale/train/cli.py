@@ -43,12 +43,13 @@ def main(argv: list[str]) -> int:
     world = env.apply()
     validate(cfg, world)
     from vit_scale.dist import on_rank0
+    from vit_scale.evaluate.hooks import training_hooks
     from vit_scale.train.loop import train
     from vit_scale.train.preempt import Preempted
 
     on_rank0(save_config, cfg, run_dir / "config.yaml")
     try:
-        train(cfg, run_dir)
+        train(cfg, run_dir, hooks=training_hooks(cfg))
     except Preempted as e:
         on_rank0(print, f"vit-scale pretrain: {e}")
         return e.exit_code

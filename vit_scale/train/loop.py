@@ -1,8 +1,9 @@
 """THE training loop, used by `pretrain` and `finetune` alike.
 
-Reads top to bottom: build (data, model, engine), resume, then a fixed number of `train_step`s with
-logging, checkpoints and preemption at step boundaries. Every rank runs the same number of steps, and
-every decision that must be the same on every rank (skip, checkpoint now, stop) is one all-reduce.
+`train()` reads top to bottom: build (data, model, engine), resume, then a fixed number of `train_step`s
+with logging, the caller's hooks, checkpoints and preemption at step boundaries, then the final save.
+Every rank runs the same number of steps, and every decision that must be the same on every rank
+(skip, checkpoint now, stop) is one all-reduce.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,6 @@ from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, valida
 from vit_scale.data.transforms import to_model_input
 from vit_scale.dist import is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
-from vit_scale.evaluate.fewshot import fewshot_metrics
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
 from vit_scale.observe.progress import Progress
@@ -37,6 +38,14 @@ from vit_scale.train.preempt import DEADLINE_REASON, Preempted, PreemptionWatch,
 
 class TrainingHalted(UserError):
     """Too many consecutive non-finite steps: the run cannot make progress as configured."""
+
+    @classmethod
+    def after(cls, skips: int, step: int) -> TrainingHalted:
+        return cls(
+            f"{skips} consecutive steps had non-finite loss or gradients (up to step {step}); nothing was "
+            "updated or checkpointed since. Lower optim.lr, raise schedule.warmup_steps, or use "
+            "precision.dtype=fp32 / bf16 instead of fp16"
+        )
 
 
 class PeerLost(UserError):
@@ -53,6 +62,15 @@ class PeerLost(UserError):
         from_backend = isinstance(e, dist.DistError) or any(b in msg for b in ("gloo", "nccl", "c10d"))
         return isinstance(e, RuntimeError) and from_backend and any(s in msg for s in cls.SIGNS)
 
+    @classmethod
+    def at_step(cls, e: BaseException, r: int, step: int, timeout_minutes: float) -> PeerLost:
+        detail = str(e).strip().splitlines()[-1][-200:]
+        return cls(
+            f"rank {r} at step {step}: a collective operation failed ({detail}). Another rank is frozen or has "
+            f"died; parallel.timeout_minutes={timeout_minutes:g} bounds how long the others wait for it. Run "
+            f"the same command again to resume from the last committed checkpoint"
+        )
+
 
 @dataclass
 class Counters:
@@ -67,6 +85,23 @@ class Counters:
     # The seed of the data and random streams: train.seed until a resume with another number of processes
     # starts new streams for the new layout (see `reseed_for`).
     stream_seed: int | None = None
+
+    def advance(self, applied: bool, global_batch: int) -> None:
+        """One step taken; `applied` is false when DeepSpeed skipped its update (non-finite gradients)."""
+        self.step += 1
+        self.samples += global_batch
+        self.skipped_steps += not applied
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Periodic work a command passes to `train` (an evaluation, say): `run(model)` on every rank after every
+    `every`-th step, returning figures for metrics.jsonl. The loop restores the training RNG and the module's
+    train mode afterwards, so a hook cannot change the steps that follow."""
+
+    every: int
+    run: Callable[[nn.Module], dict]
 
 
 def reseed_for(seed: int, world: int, step: int) -> int:
@@ -95,6 +130,21 @@ def total_steps(cfg: Config, num_samples: int) -> int:
             )
         return math.ceil(t.epochs * num_samples / t.global_batch)
     raise ConfigError("give the run length: train.steps, train.epochs or train.examples")
+
+
+def check_classes(cfg: Config, num_classes: int) -> None:
+    """The head must cover the training data's classes, and match them for multi-hot labels."""
+    head = cfg.model.num_classes
+    if cfg.data.labels == "multi" and num_classes != head:
+        raise ConfigError(
+            f"{cfg.data.train} has {num_classes} classes but model.num_classes={head}; "
+            f"set model.num_classes={num_classes}"
+        )
+    if num_classes > head:
+        raise ConfigError(
+            f"{cfg.data.train} has {num_classes} classes but model.num_classes={head} is smaller; "
+            f"set model.num_classes={num_classes}"
+        )
 
 
 def loss_function(cfg: Config):
@@ -147,131 +197,131 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def run_hook(hook: Hook, engine) -> dict:
+    # Evaluation must not move the training RNG, or a resume that lands between two evaluations would
+    # draw different dropout masks from the uninterrupted run.
+    saved_rng = commit.rng_state()
+    figures = hook.run(engine.module)
+    commit.set_rng_state(saved_rng)
+    engine.train()
+    return figures
+
+
+def resume(cfg: Config, engine, run_dir: Path, loader, new_loader: Callable[[int], object]):
+    """(counters, data stream) to continue with, after loading the newest committed checkpoint of
+    cfg.resume (by default of run_dir) into `engine`; a fresh run gets new counters and `loader`.
+
+    The same number of processes continues every rank's data position and RNGs exactly. A checkpoint
+    written by another number gets new data and random streams for this layout (`new_loader(seed)`), under
+    a seed kept in the checkpoints that follow.
+    """
+    chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir)
+    for note in chosen.notes:
+        on_rank0(print, f"vit-scale: {note}", file=sys.stderr)
+    if cfg.resume and chosen.path is None:
+        raise UserError(f"resume={cfg.resume}: no committed checkpoint there")
+    if chosen.path is None:
+        return Counters(), loader
+    saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
+    counters = Counters(**saved)
+    on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
+    if own is not None:
+        if counters.stream_seed is not None:  # the streams of an earlier change of layout
+            loader = new_loader(counters.stream_seed)
+        loader.load_state_dict(own["data"])
+        commit.set_rng_state(own["rng"])
+        return counters, loader
+    world = world_size()
+    counters.stream_seed = reseed_for(cfg.train.seed, world, counters.step)
+    loader = new_loader(counters.stream_seed)
+    seed_everything(counters.stream_seed * 1000 + rank() + 1)
+    before = commit.read_manifest(chosen.path)["world_size"]
+    on_rank0(
+        print,
+        f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
+        f"optimizer state and schedule were re-sharded for {world}; the data order and random streams "
+        f"start afresh for the new layout (samples already seen in the current epoch may be seen "
+        f"again), so this run will not match an uninterrupted one bit for bit",
+        file=sys.stderr,
+    )
+    return counters, loader
+
+
+def open_metrics(cfg: Config, run_dir: Path, counters: Counters) -> metrics.MetricsLog | None:
+    """Rank 0's metrics.jsonl and wandb run (None elsewhere), continuing the wandb run and the chain of
+    job ids that the counters carry across requeues; this job joins the chain."""
+    job = os.environ.get("VIT_SCALE_JOB_ID")
+    if job and job not in counters.job_ids:
+        counters.job_ids.append(job)
+    if not is_rank0():
+        return None
+    log = metrics.MetricsLog(
+        run_dir,
+        to_dict(cfg),
+        wandb_setting=cfg.logging.wandb,
+        project=cfg.logging.project,
+        entity=cfg.logging.entity,
+        run_name=cfg.run.name,
+        run_id=counters.wandb_id,
+        job_ids=counters.job_ids,
+        resume_step=counters.step,
+    )
+    counters.wandb_id = log.run_id
+    return log
+
+
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = None) -> dict:
-    """Train `model` (by default a new one from cfg.model) on cfg.data.train; returns the final figures."""
+def train(
+    cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = None, hooks: Sequence[Hook] = ()
+) -> dict:
+    """Train `model` (by default a new one from cfg.model) on cfg.data.train, running the caller's `hooks`
+    at their steps; returns the final figures."""
     from vit_scale.data.pipeline import make_loader
 
-    run_dir = Path(run_dir)
+    run_dir, m, ck = Path(run_dir), cfg.model, cfg.checkpoint
     init_distributed(cfg)
     r, world = rank(), world_size()
     validate(cfg, world)
     micro, accum = resolve_batch(cfg.train, world)
 
-    # ---- data
+    # ---- build: data, then model and engine (the same initial weights on every rank)
     def train_loader(seed: int):
-        return make_loader(
-            cfg.data.train,
-            cfg.data,
-            train=True,
-            img_size=cfg.model.img_size,
-            batch_size=micro,
-            rank=r,
-            world_size=world,
-            seed=seed,
-        )
+        kw = dict(train=True, img_size=m.img_size, batch_size=micro, rank=r, world_size=world, seed=seed)
+        return make_loader(cfg.data.train, cfg.data, **kw)
 
     loader = train_loader(cfg.train.seed)
     steps = total_steps(cfg, loader.num_samples)
-    multi = cfg.data.labels == "multi"
-    if multi and loader.num_classes != cfg.model.num_classes:
-        raise ConfigError(
-            f"{cfg.data.train} has {loader.num_classes} classes but model.num_classes={cfg.model.num_classes};"
-            f" set model.num_classes={loader.num_classes}"
-        )
-    if not multi and loader.num_classes > cfg.model.num_classes:
-        raise ConfigError(
-            f"{cfg.data.train} has {loader.num_classes} classes but model.num_classes={cfg.model.num_classes}"
-            f" is smaller; set model.num_classes={loader.num_classes}"
-        )
-
-    # ---- model and engine (the same initial weights on every rank)
+    check_classes(cfg, loader.num_classes)
     seed_everything(cfg.train.seed)
     if model is None:
-        model = build_model(cfg.model)
+        model = build_model(m)
     model.to(device())
     engine, _, _ = build_engine(cfg, model, world, steps)
     seed_everything(cfg.train.seed * 1000 + r + 1)  # dropout / drop path differ between ranks
 
     # ---- resume
-    counters = Counters()
-    source = Path(cfg.resume) if cfg.resume else run_dir
-    chosen = commit.select_everywhere(source)
-    for note in chosen.notes:
-        on_rank0(print, f"vit-scale: {note}", file=sys.stderr)
-    if cfg.resume and chosen.path is None:
-        raise UserError(f"resume={cfg.resume}: no committed checkpoint there")
-    if chosen.path is not None:
-        saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
-        counters = Counters(**saved)
-        on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
-        if own is not None:
-            if counters.stream_seed is not None:  # the streams of an earlier change of layout
-                loader = train_loader(counters.stream_seed)
-            loader.load_state_dict(own["data"])
-            commit.set_rng_state(own["rng"])
-        else:  # written by another number of processes: new data and random streams for this layout
-            counters.stream_seed = reseed_for(cfg.train.seed, world, counters.step)
-            loader = train_loader(counters.stream_seed)
-            seed_everything(counters.stream_seed * 1000 + r + 1)
-            before = commit.read_manifest(chosen.path)["world_size"]
-            on_rank0(
-                print,
-                f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
-                f"optimizer state and schedule were re-sharded for {world}; the data order and random streams "
-                f"start afresh for the new layout (samples already seen in the current epoch may be seen "
-                f"again), so this run will not match an uninterrupted one bit for bit",
-                file=sys.stderr,
-            )
+    counters, loader = resume(cfg, engine, run_dir, loader, train_loader)
+    log = open_metrics(cfg, run_dir, counters)
+    flops = train_flops(model_dims(m), m.img_size, m.num_classes, m.pool != "avg")
+    window = metrics.Window(world, loader.num_samples, flops, metrics.peak_tflops(cfg.logging.peak_tflops))
 
-    # ---- logging
-    job = os.environ.get("VIT_SCALE_JOB_ID")
-    if job and job not in counters.job_ids:
-        counters.job_ids.append(job)
-    log = None
-    if is_rank0():
-        log = metrics.MetricsLog(
-            run_dir,
-            to_dict(cfg),
-            wandb_setting=cfg.logging.wandb,
-            project=cfg.logging.project,
-            entity=cfg.logging.entity,
-            run_name=cfg.run.name,
-            run_id=counters.wandb_id,
-            job_ids=counters.job_ids,
-            resume_step=counters.step,
-        )
-        counters.wandb_id = log.run_id
-    flops_per_image = train_flops(
-        model_dims(cfg.model), cfg.model.img_size, cfg.model.num_classes, cfg.model.pool != "avg"
-    )
-    peak = metrics.peak_tflops(cfg.logging.peak_tflops)
-    window = metrics.Window(world, loader.num_samples, flops_per_image, peak)
-    fewshot = fewshot_metrics if cfg.eval.fewshot_every_steps > 0 else None
+    def emit(record: dict) -> None:
+        if log is not None:
+            log.log(record)
 
     def save(reason: str) -> float:
         t0 = time.perf_counter()
-        commit.save(
-            engine,
-            run_dir,
-            counters.step,
-            asdict(counters),
-            {"rng": commit.rng_state(), "data": loader.state_dict()},
-            config=to_dict(cfg),
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-        )
+        own = {"rng": commit.rng_state(), "data": loader.state_dict()}
+        kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every)
+        commit.save(engine, run_dir, counters.step, asdict(counters), own, **kw)
         seconds = time.perf_counter() - t0
-        if log is not None:
-            log.log({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
+        emit({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
         return seconds
 
     # ---- steps
-    loss_fn = loss_function(cfg)
-    dtype = model_dtype(cfg)
-    ck = cfg.checkpoint
+    loss_fn, dtype = loss_function(cfg), model_dtype(cfg)
     policy = CheckpointPolicy(ck.every_steps, ck.every_minutes, job_deadline(), counters.step)
     watch = PreemptionWatch()
     data_iter = iter(loader)
@@ -284,34 +334,16 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
             t_data = time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
             loss = train_step(engine, batches, loss_fn, dtype)
-            applied = engine.was_step_applied()
-            counters.step += 1
-            counters.samples += cfg.train.global_batch
-            counters.skipped_steps += not applied
-            counters.consecutive_skips = 0 if applied else counters.consecutive_skips + 1
+            counters.advance(engine.was_step_applied(), cfg.train.global_batch)
             window.add(loss, time.perf_counter() - t0, t_data, lr)
             if counters.consecutive_skips >= cfg.train.max_consecutive_skips:
-                raise TrainingHalted(
-                    f"{counters.consecutive_skips} consecutive steps had non-finite loss or gradients (up to "
-                    f"step {counters.step}); nothing was updated or checkpointed since. Lower optim.lr, raise "
-                    "schedule.warmup_steps, or use precision.dtype=fp32 / bf16 instead of fp16"
-                )
-
+                raise TrainingHalted.after(counters.consecutive_skips, counters.step)
             if counters.step % cfg.logging.every_steps == 0 or counters.step == steps:
-                record = window.record(engine, counters.step, counters.samples, counters.skipped_steps)
-                if log is not None:
-                    log.log(record)
-            if fewshot is not None and counters.step % cfg.eval.fewshot_every_steps == 0:
-                # Evaluation must not move the training RNG, or a resume that lands between two
-                # evaluations would draw different dropout masks from the uninterrupted run.
-                saved_rng = commit.rng_state()
-                extra = fewshot(engine.module, cfg, r, world)
-                commit.set_rng_state(saved_rng)
-                engine.train()
-                if log is not None:
-                    log.log({"step": counters.step, **extra})
+                emit(window.record(engine, counters.step, counters.samples, counters.skipped_steps))
+            for hook in hooks:
+                if counters.step % hook.every == 0:
+                    emit({"step": counters.step, **run_hook(hook, engine)})
             progress.update(counters.step)
-
             if counters.step == steps:
                 break  # done: the final save below, whatever was requested meanwhile
             near = policy.deadline_near(counters.step, window.step_s)
@@ -328,12 +360,7 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
     except RuntimeError as e:
         if not PeerLost.matches(e):
             raise
-        detail = str(e).strip().splitlines()[-1][-200:]
-        raise PeerLost(
-            f"rank {r} at step {counters.step + 1}: a collective operation failed ({detail}). Another rank is "
-            f"frozen or has died; parallel.timeout_minutes={cfg.parallel.timeout_minutes:g} bounds how long the "
-            f"others wait for it. Run the same command again to resume from the last committed checkpoint"
-        ) from None
+        raise PeerLost.at_step(e, r, counters.step + 1, cfg.parallel.timeout_minutes) from None
     finally:
         data_iter.close()  # stops the DataLoader workers now, whether the loop ended or raised
         watch.restore()
