@@ -401,3 +401,24 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, shards):
     one, two = h.losses(tmp_path / "one"), h.losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
     assert [two[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], rel=1e-6, abs=0)
+
+
+def test_eval_every_steps_scores_data_val_on_all_ranks_without_moving_the_training(tmp_path, shards):
+    """eval.every_steps=2 on 2 ranks: the losses stay the golden ones (evaluation draws nothing from the
+    training RNG), every 2nd step logs val/top1 and val/top5, and step 6's equal `vit-scale eval` of the
+    final checkpoint, which holds the same weights."""
+    from vit_scale.cli import main as cli
+
+    run = tmp_path / "run"
+    args = ("train.steps=6", "checkpoint.every_steps=0", f"data.val={shards}", "eval.every_steps=2")
+    proc = h.pretrain(run, shards, *args)
+    assert proc.returncode == 0, h.tail(proc)
+    got = h.losses(run)
+    assert [got[s] for s in range(1, 7)] == GOLDEN_30[:6]
+    val = {r["step"]: r for r in h.records(run) if "val/top1" in r}
+    assert sorted(val) == [2, 4, 6]
+    assert all(0 <= r["val/top1"] <= r["val/top5"] <= 1 for r in val.values())
+    assert cli(["eval", str(run), "--data", str(shards), "--run-dir", str(tmp_path / "eval")]) == 0
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
+    (row,) = scored.values()
+    assert (row["top1"], row["top5"]) == (val[6]["val/top1"], val[6]["val/top5"])

@@ -124,6 +124,7 @@ def test_override_needs_equals():
         (["data.train=a::b", "data.weights=[1.0]"], 1, "data.weights has 1 values but data.train names 2"),
         (["train.steps=10", "train.epochs=2"], 1, "give only one of train.steps, train.epochs, train.examples"),
         (["parallel.world_size=8"], 2, "parallel.world_size=8 but 2 processes were launched"),
+        (["eval.every_steps=100"], 1, "eval.every_steps=100 scores data.val; set data.val=SHARDS"),
     ],
 )
 def test_impossible_combinations(overrides, world, message):

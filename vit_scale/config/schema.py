@@ -119,7 +119,7 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0: evaluate only at the end
+    every_steps: int = 0  # top-1/top-5 on data.val every N training steps, logged as val/...; 0: never
     batch_size: int = 256
     img_size: int | None = None  # defaults to model.img_size
     fewshot_every_steps: int = 0  # 0 disables few-shot evaluation during pretraining

@@ -89,3 +89,5 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         resolve_batch(t, world_size)
     if not 0 <= cfg.data.max_bad_fraction < 1:
         raise ConfigError("data.max_bad_fraction must be in [0, 1)")
+    if cfg.eval.every_steps > 0 and not cfg.data.val:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} scores data.val; set data.val=SHARDS")

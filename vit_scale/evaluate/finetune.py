@@ -106,37 +106,6 @@ def build_transfer_model(cfg: Config):
     return model, pre
 
 
-def _evaluate_run(cfg: Config, model, sources: dict[str, str]) -> dict[str, dict]:
-    """Score the trained model on each named source, every rank scoring its share.
-
-    An fp32 copy is scored, so the result is the same whatever the engine did to the module
-    (bf16 casting, ZeRO-3 partitioning); after a resume that found the run finished, the module
-    holds the final checkpoint's weights.
-    """
-    from vit_scale.dist import rank, world_size
-    from vit_scale.evaluate.classify import evaluate
-    from vit_scale.evaluate.common import eval_device, plain_copy
-
-    device = eval_device()
-    scored = plain_copy(model, cfg.model, device, keep_head=True)
-    img_size = cfg.eval.img_size or cfg.model.img_size
-    return {
-        split: evaluate(
-            scored,
-            source,
-            cfg.data,
-            img_size=img_size,
-            batch_size=cfg.eval.batch_size,
-            rank=rank(),
-            world_size=world_size(),
-            device=device,
-            progress=cfg.logging.progress,
-        )
-        for split, source in sources.items()
-        if source
-    }
-
-
 def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]) -> dict:
     """Train one fine-tune in `run_dir` (resuming it if it was cut short) and score it.
 
@@ -151,11 +120,13 @@ def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]
     cfg.checkpoint.save_final = True  # a finished run must be resumable into its final weights
     model, pre = build_transfer_model(cfg)
     on_rank0(save_config, cfg, run_dir / "config.yaml")  # describes the fine-tuned model exactly
+    from vit_scale.evaluate.classify import score
     from vit_scale.evaluate.hooks import training_hooks
     from vit_scale.train.loop import train
 
     summary = train(cfg, run_dir, model=model, hooks=training_hooks(cfg))
-    scores = _evaluate_run(cfg, model, eval_sources)
+    # After a resume that found the run finished, the module holds the final checkpoint's weights.
+    scores = score(model, cfg, eval_sources, progress=cfg.logging.progress)
     out = {
         "lr": cfg.optim.lr,
         "steps": (summary or {}).get("step", cfg.train.steps),
