@@ -98,6 +98,16 @@ def test_losses_and_normalisation():
     assert x.tolist() == [-1.0, 1.0]
 
 
+def test_mixing_trains_on_soft_targets_with_the_softmax_loss():
+    """With data.mixup / data.cutmix the targets arrive as class distributions (mixed and smoothed by timm's
+    Mixup), and the loss is their cross-entropy with the softmax of the logits."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    target = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6]])
+    soft = loss_function(load_config(None, ["data.mixup=0.8", "optim.label_smoothing=0.1"]))
+    want = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert soft(logits, target).item() == pytest.approx(want.item())
+
+
 def test_plain_optimizer_guard_skips_non_finite_steps_and_clips_finite_ones():
     from vit_scale.train.engine import NonFiniteGuard, build_schedule
 

@@ -41,6 +41,8 @@ class DataConfig:
     crop_area_min: float = 0.05
     hflip: bool = True
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
+    # timm's batch Mixup / CutMix in training (DeiT: 0.8 / 1.0): Beta alphas, 0 is off; with both on,
+    # each micro batch gets one of the two. Softmax loss on soft targets; optim.label_smoothing applies.
     mixup: float = 0.0
     cutmix: float = 0.0
     max_bad_fraction: float = 0.001  # stop when more than this fraction of a window of samples is corrupt

@@ -91,3 +91,23 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("data.max_bad_fraction must be in [0, 1)")
     if cfg.eval.every_steps > 0 and not cfg.data.val:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} scores data.val; set data.val=SHARDS")
+    _check_mixing(cfg, world_size)
+
+
+def _check_mixing(cfg: Config, world_size: int | None) -> None:
+    d = cfg.data
+    if d.mixup < 0 or d.cutmix < 0:
+        raise ConfigError(f"data.mixup={d.mixup} and data.cutmix={d.cutmix} are Beta alphas: 0 (off) or more")
+    if not (d.mixup or d.cutmix):
+        return
+    if d.labels == "multi" or cfg.optim.loss == "sigmoid":
+        raise ConfigError(
+            "data.mixup / data.cutmix mix single labels for the softmax loss; with data.labels=multi or "
+            "optim.loss=sigmoid set both to 0"
+        )
+    micro = resolve_batch(cfg.train, world_size)[0] if world_size is not None else 0
+    if micro % 2:
+        raise ConfigError(
+            f"data.mixup / data.cutmix pair the images of a micro batch, so it must be even, not {micro} per "
+            "rank; change train.micro_batch_per_rank or train.global_batch"
+        )

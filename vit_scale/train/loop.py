@@ -26,7 +26,7 @@ from torch import nn
 from vit_scale.checkpoint import commit
 from vit_scale.checkpoint.policy import CheckpointPolicy
 from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
-from vit_scale.data.transforms import to_model_input
+from vit_scale.data.transforms import make_mixup, to_model_input
 from vit_scale.dist import is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.models import build_model, model_dims, train_flops
@@ -156,6 +156,10 @@ def loss_function(cfg: Config):
         return lambda logits, y: (
             F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none").sum(-1).mean()
         )
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # the targets arrive mixed, and smoothed by the Mixup (`make_mixup`)
     smoothing = cfg.optim.label_smoothing
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
@@ -179,17 +183,22 @@ def model_dtype(cfg: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
 
 
-def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
+def train_step(engine, batches, loss_fn, dtype: torch.dtype, mix=None) -> torch.Tensor:
     """Forward, backward and optimizer step over one step's micro batches; returns the mean local loss.
 
-    DeepSpeed accumulates gradients until the last micro batch and then steps, or skips the update on
-    every rank alike when any gradient is non-finite (read back with `engine.was_step_applied()`).
+    `mix` (timm's Mixup, from `make_mixup`) blends each micro batch's images in fp32 and turns its labels
+    into the soft targets `loss_fn` expects; its draws come from numpy's global RNG, which checkpoints save
+    per rank. DeepSpeed accumulates gradients until the last micro batch and then steps, or skips the update
+    on every rank alike when any gradient is non-finite (read back with `engine.was_step_applied()`).
     """
     losses = []
     for images, labels in batches:
         images = images.to(engine.device, non_blocking=True)
         labels = labels.to(engine.device, non_blocking=True)
-        logits = engine(to_model_input(images, dtype))
+        inputs = to_model_input(images)
+        if mix is not None:
+            inputs, labels = mix(inputs, labels)
+        logits = engine(inputs.to(dtype))
         loss = loss_fn(logits.float(), labels)
         engine.backward(loss)
         engine.step()
@@ -199,7 +208,7 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
 
 def run_hook(hook: Hook, engine) -> dict:
     # Evaluation must not move the training RNG, or a resume that lands between two evaluations would
-    # draw different dropout masks from the uninterrupted run.
+    # draw different dropout masks and mixup from the uninterrupted run.
     saved_rng = commit.rng_state()
     figures = hook.run(engine.module)
     commit.set_rng_state(saved_rng)
@@ -322,6 +331,7 @@ def train(
 
     # ---- steps
     loss_fn, dtype = loss_function(cfg), model_dtype(cfg)
+    mix = make_mixup(cfg.data.mixup, cfg.data.cutmix, m.num_classes, cfg.optim.label_smoothing)
     policy = CheckpointPolicy(ck.every_steps, ck.every_minutes, job_deadline(), counters.step)
     watch = PreemptionWatch()
     data_iter = iter(loader)
@@ -333,7 +343,7 @@ def train(
             batches = [next(data_iter) for _ in range(accum)]
             t_data = time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
-            loss = train_step(engine, batches, loss_fn, dtype)
+            loss = train_step(engine, batches, loss_fn, dtype, mix)
             counters.advance(engine.was_step_applied(), cfg.train.global_batch)
             window.add(loss, time.perf_counter() - t0, t_data, lr)
             if counters.consecutive_skips >= cfg.train.max_consecutive_skips:
