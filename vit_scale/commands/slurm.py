@@ -28,6 +28,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from vit_scale.commands.args import Parser
 from vit_scale.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
@@ -49,11 +50,6 @@ class Job:
     name: str  # file stem under RUN_DIR/slurm/
     script: str
     after: str = ""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def time_limit_seconds(text: str) -> int:
@@ -128,7 +124,7 @@ def _log_dir(option: str, path: Path) -> str:
 
 
 def build_parser(kind: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"vit-scale slurm {kind}", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=f"vit-scale slurm {kind}", description=__doc__.split("\n\n")[0])
     if kind == "shards":
         p.add_argument("source", help="image corpus, as for `vit-scale shards build`")
         p.add_argument("--out", required=True, help="shard directory; the parts go to OUT/part-*/")
@@ -223,7 +219,7 @@ def _config(args, kind: str, world_size: int):
     job's world size, before anything is queued."""
     from vit_scale.config import load_config, validate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_text("CONFIG", args.config), args.overrides)
     validate(cfg, world_size, kind)
     return cfg
 
@@ -236,9 +232,9 @@ def _run_dir(args, cfg) -> tuple[Path, str]:
 
 
 def _recipe(args) -> list[str]:
-    """CONFIG and the overrides as the job's command line passes them on."""
-    config = Path(_text("CONFIG", args.config)).resolve()
-    return [_q(config), *_words("override", args.overrides)]
+    """CONFIG and the overrides as the job's command line passes them on. Called after the validation pass,
+    so that a setting the job would refuse is refused with the job's own message."""
+    return [_q(Path(args.config).resolve()), *_words("override", args.overrides)]
 
 
 def plan(kind: str, args) -> tuple[list[Job], Path]:
@@ -268,8 +264,8 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
                 "the job would be told to stop as it starts; lower --signal-seconds or raise --time"
             )
         tasks_per_node = max(gpus, 1)
-        recipe = _recipe(args)
         cfg = _config(args, kind, args.nodes * tasks_per_node)
+        recipe = _recipe(args)
         run_dir, log_dir = _run_dir(args, cfg)
         name = args.job_name or _job_name("run.name (the default --job-name)", cfg.run.name)
         script = render_template(
@@ -299,9 +295,9 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         from vit_scale.config import load_config
         from vit_scale.evaluate.vtab import check_tasks
 
-        recipe = _recipe(args)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(_text("CONFIG", args.config), args.overrides)
         check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1))  # what each array task checks
+        recipe = _recipe(args)
         run_dir, log_dir = _run_dir(args, cfg)
         name = args.job_name or _job_name("run.name (the default --job-name)", f"{cfg.run.name}-vtab")
         array = render_template(

@@ -94,6 +94,7 @@ RANGES: dict[str, tuple] = {
     "train.epochs": ((0.0,), None),
     "train.examples": (1, None),
     "train.global_batch": (1, None),
+    "train.seed": (0, 2**31 - 1),  # the streams re-derive 31-bit seeds from it (train/loop.reseed_for)
     "train.micro_batch_per_rank": (1, None),
     "train.grad_accum": (1, None),
     "train.max_consecutive_skips": (1, None),
@@ -242,8 +243,25 @@ def _check_data(cfg: Config) -> None:
     lengths = [x for x in (t.steps, t.epochs, t.examples) if x is not None]
     if len(lengths) > 1:
         raise ConfigError("give only one of train.steps, train.epochs, train.examples")
+    _check_randaugment(cfg.data.randaugment)
     if cfg.eval.every_steps > 0 and not cfg.data.val:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} scores data.val; set data.val=SHARDS")
+
+
+def _check_randaugment(spec: str) -> None:
+    """The spec through the parser the data loader will use (timm's), so a typo stops the run now and not
+    in the first batch of a loader worker."""
+    if not spec:
+        return
+    from timm.data import rand_augment_transform
+
+    try:
+        rand_augment_transform(spec, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(
+            f"data.randaugment={spec!r} is not a timm RandAugment spec ({e or 'it must start with rand-'}); "
+            "e.g. rand-m9-mstd0.5"
+        ) from None
 
 
 def index_classes(source: str) -> int:
