@@ -82,7 +82,7 @@ def read_metrics(path: Path) -> tuple[dict[int, dict], int]:
             try:
                 row = json.loads(line)
                 step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a step of 1e999
                 bad += 1
                 continue
             # Records of one step merge (an eval line beside the train line); a re-logged key overwrites.
