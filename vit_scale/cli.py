@@ -21,6 +21,7 @@ COMMANDS = {
     "vtab": ("vit_scale.evaluate.vtab", "fine-tune and evaluate on the 19 VTAB-1k tasks"),
     "export": ("vit_scale.checkpoint.export", "consolidate a checkpoint into a timm / HF Hub folder"),
     "slurm": ("launch.slurm", "render and submit sbatch jobs"),
+    "plan": ("vit_scale.commands.plan", "memory, speed and cost of a configuration on a cluster, and --fit"),
     "report": ("vit_scale.observe.report", "render plots and an HTML page from run directories"),
     "inspect": ("vit_scale.observe.inspect", "draw position-embedding and attention pictures"),
     "demo": ("vit_scale.demo", "the whole system on embedded data: pretrain, transfer, report"),

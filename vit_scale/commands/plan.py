@@ -1,0 +1,154 @@
+"""`vit-scale plan CONFIG [key=value ...] --gpu NAME --nodes N --gpus-per-node G`: memory, speed and cost
+of a training configuration on a cluster, before it is queued.
+
+    vit-scale plan configs/pretrain/vit_h14_jft.yaml --gpu h100-80gb --nodes 16 --gpus-per-node 8 --epoch-size 303000000
+    vit-scale plan configs/pretrain/vit_h14_jft.yaml --gpu a100-80gb --nodes 4 --gpus-per-node 8 --fit
+    vit-scale plan configs/pretrain/vit_b16_in21k.yaml --gpu a100-80gb,h100-80gb --nodes 1 --gpus-per-node 8 \\
+        --grid parallel.zero_stage=1,2,3 --grid parallel.activation_checkpointing=false,true
+
+`--fit` searches micro batch x activation checkpointing (off, every k-th block) x ZeRO stage x offload and
+prints the fastest predicted configuration that fits, with the overrides that select it. `--grid KEY=A,B`
+(repeatable) prints one summary row per combination instead of the full plan. `--json` prints the same
+numbers as the table. docs/planning.md gives the formulas, their sources and how they were checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+
+from vit_scale.config import load_config
+from vit_scale.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def parser() -> argparse.ArgumentParser:
+    from vit_scale.plan import GPUS
+
+    p = _Parser(prog="vit-scale plan", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("config", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value settings on top of the recipe")
+    p.add_argument("--gpu", required=True, help=f"GPU model, or several separated by commas: {', '.join(GPUS)}")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default 8)")
+    p.add_argument("--interconnect-gbps", type=float, help="network bandwidth per GPU between nodes, Gbit/s "
+                   "(default: the GPU table's)")
+    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation to assume (default: measured, else 0.40)")
+    p.add_argument("--gpu-table", help="YAML mapping GPU names to fields merged over the built-in table "
+                   "(memory_gib, peak_tflops, intra_node_gbs, inter_node_gbps, pcie_gbs, reserve_gib)")
+    p.add_argument("--epoch-size", type=int, help="images per epoch, to cost a recipe given in train.epochs "
+                   "(default: data.train's index.json when it exists here)")
+    p.add_argument("--fit", action="store_true", help="search for the fastest configuration that fits")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=A,B",
+                   help="one summary row per value (repeatable; combinations of all)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    return p
+
+
+def _clusters(args):
+    from vit_scale.plan import cluster, load_table, lookup
+
+    table = load_table(args.gpu_table)
+    names = [n for n in args.gpu.split(",") if n]
+    if not names:
+        raise UserError("--gpu names no GPU")
+    return [cluster(lookup(n, table), args.nodes, args.gpus_per_node, args.interconnect_gbps, args.mfu) for n in names]
+
+
+def _grid(args) -> list[list[str]]:
+    axes = []
+    for spec in args.grid:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise UserError(f"--grid {spec!r} must look like section.key=value1,value2")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def fit_result(cfg, cl, epoch_size):
+    """(plan dict of the fastest fitting configuration, its overrides), or raise when nothing fits."""
+    from vit_scale.plan import fit, make_plan
+
+    found = fit(cfg, cl)
+    if found is None:
+        raise UserError(
+            f"no configuration of ZeRO stage, offload, activation checkpointing and micro batch fits "
+            f"{cfg.model.variant} at {cfg.model.img_size} px with global batch {cfg.train.global_batch} on "
+            f"{cl.world} x {cl.gpu.name}; use more or larger GPUs"
+        )
+    chosen, overrides, _ = found
+    return make_plan(chosen, cl, epoch_size).to_dict(), overrides
+
+
+def grid_rows(args, clusters) -> list[dict]:
+    from vit_scale.plan import make_plan
+
+    rows = []
+    for cl in clusters:
+        for combo in _grid(args):
+            cfg = load_config(args.config, [*args.overrides, *combo])
+            base = make_plan(cfg, cl, args.epoch_size).to_dict()
+            micro = base["largest_valid_micro_batch"]
+            row = dict(gpu=cl.gpu.name, settings=combo, fitting_micro_batch=micro)
+            if micro:
+                per_rank = cfg.train.global_batch // cl.world
+                sized = copy.deepcopy(cfg)
+                sized.train.micro_batch_per_rank, sized.train.grad_accum = micro, per_rank // micro
+                d = make_plan(sized, cl, args.epoch_size).to_dict()
+                row.update(memory_gib=d["total_gib"], images_per_s_per_gpu=d["time"]["images_per_s_per_gpu"],
+                           images_per_s=d["time"]["images_per_s"],
+                           scaling_efficiency_vs_one_node=d["time"]["scaling_efficiency_vs_one_node"])
+            rows.append(row)
+    return rows
+
+
+def render_grid(rows: list[dict]) -> str:
+    settings = max(len(" ".join(r["settings"])) for r in rows)
+    lines = [f"{'gpu':<11} {'settings':<{settings}} {'micro':>5} {'GiB':>6} {'img/s/GPU':>9} {'img/s':>9}"]
+    for r in rows:
+        micro = r["fitting_micro_batch"]
+        if micro:
+            lines.append(f"{r['gpu']:<11} {' '.join(r['settings']):<{settings}} {micro:>5} {r['memory_gib']:6.1f} "
+                         f"{r['images_per_s_per_gpu']:9,.0f} {r['images_per_s']:9,.0f}")
+        else:
+            lines.append(f"{r['gpu']:<11} {' '.join(r['settings']):<{settings}} {'-':>5} {'does not fit':>26}")
+    lines.append("micro: the largest micro batch per GPU that fits and divides the global batch; GiB: predicted "
+                 "peak with the allowance at that micro batch")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from vit_scale.plan import make_plan
+    from vit_scale.plan.text import render
+
+    args = parser().parse_intermixed_args(argv)
+    if args.epoch_size is not None and args.epoch_size < 1:
+        raise UserError(f"--epoch-size must be positive, got {args.epoch_size}")
+    clusters = _clusters(args)
+    if args.grid:
+        rows = grid_rows(args, clusters)
+        print(json.dumps(rows, indent=2) if args.json else render_grid(rows))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    out, text = [], []
+    for cl in clusters:
+        if args.fit:
+            d, overrides = fit_result(cfg, cl, args.epoch_size)
+            d["fit_overrides"] = overrides
+            text.append(render(d) + "\n\nFastest configuration that fits: " + " ".join(overrides))
+        else:
+            d = make_plan(cfg, cl, args.epoch_size).to_dict()
+            text.append(render(d))
+        out.append(d)
+    if args.json:
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        print("\n\n".join(text))
+    return 0
