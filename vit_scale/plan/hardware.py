@@ -113,6 +113,25 @@ def mfu_for(gpu: GPU, override: float | None) -> tuple[float, str]:
     return DEFAULT_MFU, "default assumption (no GPU measurement recorded yet)"
 
 
+def detect(peak_tflops: float | None = None) -> GPU:
+    """The table's row for the visible CUDA device (matched by name and memory), or a row built from what
+    the device reports; on a machine without CUDA, the host as a nominal device (bench/ tests on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        return GPU("cpu", memory, peak_tflops or 1.0, 1.0, 1.0, 1.0, reserve_gib=0.0)
+    props = torch.cuda.get_device_properties(0)
+    name, memory = props.name.upper(), props.total_memory / GIB
+    for key, row in GPUS.items():
+        model = key.split("-")[0].upper()
+        if model in name and abs(row.memory_gib - memory) < 0.1 * row.memory_gib:
+            return dataclasses.replace(row, peak_tflops=peak_tflops or row.peak_tflops)
+    from vit_scale.observe.metrics import peak_tflops as table_peak
+
+    return GPU(props.name, memory, peak_tflops or table_peak() or 1.0, 230.0, 200.0, 25.0)
+
+
 # SLURM --constraint features that name a GPU model. Ambiguous ones (a bare "a100" is 40 or 80 GB) map to
 # the smaller card, so a job that fits the plan fits either.
 CONSTRAINTS = {
