@@ -170,7 +170,7 @@ def predicted(cfg, peak: float | None) -> dict:
 
     gpu_row = hardware.detect(peak)
     plan = make_plan(cfg, cluster(gpu_row, 1, dist.get_world_size()),
-                     kernel="cuda" if torch.cuda.is_available() else "cpu")
+                     device="cuda" if torch.cuda.is_available() else "cpu")
     return {
         "predicted_peak_mem_gb": round(plan.device_gib, 2),
         "predicted_images_per_s": round(plan.time["images_per_s"], 1),

@@ -119,7 +119,7 @@ def test_model_state_bytes_per_rank_within_1_percent(measured, name, world):
     for rank in range(world):
         got = measured[name, world, rank]
         for phase in zero.PHASES:
-            terms = zero.model_states(lay, z, rank, phase, ACCUM)
+            terms = zero.model_states(lay, z, rank, phase, ACCUM, device="cpu")
             m = got[phase]
             bucket = [t.bytes for t in terms if t.key == "reduce_bucket"]
             total, by_dtype = m["total"], dict(m["by_dtype"])
@@ -213,7 +213,7 @@ def test_saved_activation_bytes_within_5_percent(shape, ckpt, dtype):
     ])
     for micro in (3, 8):
         got = saved_tensor_bytes(cfg, micro)
-        predicted = sum(activations.saved_bytes(cfg, layout(cfg), micro, kernel="cpu").values())
+        predicted = sum(activations.saved_bytes(cfg, layout(cfg), micro, device="cpu").values())
         err = error(predicted, got)
         record("activations", err)
         assert err <= 0.05, (shape, ckpt, dtype, micro, predicted, got)

@@ -6,7 +6,7 @@ of a training configuration on a cluster, before it is queued.
     vit-scale plan configs/pretrain/vit_b16_in21k.yaml --gpu a100-80gb,h100-80gb --nodes 1 --gpus-per-node 8 \\
         --grid parallel.zero_stage=1,2,3 --grid parallel.activation_checkpointing=false,true
 
-`--fit` searches micro batch x activation checkpointing (off, every k-th block) x ZeRO stage x offload and
+`--fit` searches micro batch x activation checkpointing (off, every k-th block) x ZeRO stage 1-3 x offload and
 prints the fastest predicted configuration that fits, with the overrides that select it. `--grid KEY=A,B`
 (repeatable) prints one summary row per combination instead of the full plan. `--json` prints the same
 numbers as the table. docs/planning.md gives the formulas, their sources and how they were checked.
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default: the GPU table's)")
     p.add_argument("--mfu", type=float, help="model-FLOPs utilisation to assume (default: measured, else 0.40)")
     p.add_argument("--gpu-table", help="YAML mapping GPU names to fields merged over the built-in table "
-                   "(memory_gib, peak_tflops, intra_node_gbs, inter_node_gbps, pcie_gbs, reserve_gib)")
+                   "(memory_gib, peak_tflops, intra_node_gbs, inter_node_gbps, pcie_gbs, hbm_tbs, reserve_gib)")
     p.add_argument("--epoch-size", type=int, help="images per epoch, to cost a recipe given in train.epochs "
                    "(default: data.train's index.json when it exists here)")
     p.add_argument("--fit", action="store_true", help="search for the fastest configuration that fits")

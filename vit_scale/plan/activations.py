@@ -6,7 +6,7 @@ LayerNorm saves its input and per-token mean and rstd; a Linear its input; scale
 log-sum-exp; GELU its input; dropout (p > 0) its mask; drop path its per-sample mask. Tensors that are
 views of one storage count once, as the measurement (tests/dist) counts them.
 
-One kernel fact differs between CUDA and the CPU the tests run on, and `kernel` selects it: CUDA saves
+One kernel fact differs between CUDA and the CPU the tests run on, and `device` selects it: CUDA saves
 LayerNorm statistics in fp32 and dropout masks as bool (its fused dropout kernel); the CPU saves both in the
 input dtype. Both return the attention output in (batch, tokens, heads, dim) layout, which the projection
 reads without a copy.
@@ -64,9 +64,9 @@ def _shape(cfg: Config, micro_batch: int) -> Shape:
     )
 
 
-def block_bytes(s: Shape, kernel: str = "cuda") -> int:
+def block_bytes(s: Shape, device: str = "cuda") -> int:
     """Saved bytes of one transformer block run without checkpointing (its input included)."""
-    cpu = kernel == "cpu"
+    cpu = device == "cpu"
     bnc, bnm, bn = s.batch * s.tokens * s.width, s.batch * s.tokens * s.mlp, s.batch * s.tokens
     stat = s.lp if cpu else FP32
     mask = s.lp if cpu else 1
@@ -88,17 +88,17 @@ def block_bytes(s: Shape, kernel: str = "cuda") -> int:
     return total
 
 
-def saved_bytes(cfg: Config, lay: Layout, micro_batch: int, kernel: str = "cuda") -> dict[str, int]:
+def saved_bytes(cfg: Config, lay: Layout, micro_batch: int, device: str = "cuda") -> dict[str, int]:
     """Saved activations per micro batch, by part: embedding, blocks, head and loss."""
     s = _shape(cfg, micro_batch)
-    cpu = kernel == "cpu"
+    cpu = device == "cpu"
     bnc = s.batch * s.tokens * s.width
     mask = s.lp if cpu else 1
     stat = s.lp if cpu else FP32
     embed = s.lp * s.batch * 3 * s.image * s.image  # the patch convolution's input
     if s.dropout:
         embed += mask * bnc  # position-embedding dropout
-    full, ckpt = block_bytes(s, kernel), s.lp * bnc
+    full, ckpt = block_bytes(s, device), s.lp * bnc
     blocks = sum(ckpt if i in lay.checkpointed else full for i in range(lay.depth))
     if s.avg_pool:
         # Mean over tokens saves nothing; fc_norm saves its (batch, width) input and output.
@@ -116,10 +116,10 @@ def saved_bytes(cfg: Config, lay: Layout, micro_batch: int, kernel: str = "cuda"
     return {"embedding": embed, "blocks": blocks, "head": head, "loss": loss}
 
 
-def backward_working_bytes(cfg: Config, lay: Layout, micro_batch: int, kernel: str = "cuda") -> int:
+def backward_working_bytes(cfg: Config, lay: Layout, micro_batch: int, device: str = "cuda") -> int:
     """What backward holds beyond the saved tensors at its busiest (an estimate, not a count): the
     recomputed block when checkpointing, plus gradients in flight through one block (two of the MLP's
     hidden width and two of the residual stream)."""
     s = _shape(cfg, micro_batch)
-    recompute = block_bytes(s, kernel) - s.lp * s.batch * s.tokens * s.width if lay.checkpointed else 0
+    recompute = block_bytes(s, device) - s.lp * s.batch * s.tokens * s.width if lay.checkpointed else 0
     return recompute + s.lp * s.batch * s.tokens * (2 * s.mlp + 2 * s.width)

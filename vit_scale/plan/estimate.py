@@ -105,7 +105,7 @@ def _world_cfg(cfg: Config, world: int) -> tuple[int, int]:
         raise UserError(str(e)) from None
 
 
-def memory_rows(cfg: Config, world: int, micro: int, kernel: str = "cuda") -> tuple[list[Row], str, int]:
+def memory_rows(cfg: Config, world: int, micro: int, device: str = "cuda") -> tuple[list[Row], str, int]:
     """(rows at the peak, which phase peaks, allocated peak bytes) for the worst rank of `world`."""
     lay = layout(cfg)
     z = zero.zero_settings(cfg, world)
@@ -114,10 +114,10 @@ def memory_rows(cfg: Config, world: int, micro: int, kernel: str = "cuda") -> tu
     accum = cfg.train.global_batch // (micro * world)
 
     def states(phase: str) -> list[zero.Term]:
-        return zero.model_states(lay, z, worst, phase, accum)
+        return zero.model_states(lay, z, worst, phase, accum, device)
 
-    saved = act.saved_bytes(cfg, lay, micro, kernel)
-    working = act.backward_working_bytes(cfg, lay, micro, kernel)
+    saved = act.saved_bytes(cfg, lay, micro, device)
+    working = act.backward_working_bytes(cfg, lay, micro, device)
     activations = sum(saved.values()) + working
     in_flight = zero.gradients_in_flight(lay, z)
 
@@ -125,7 +125,7 @@ def memory_rows(cfg: Config, world: int, micro: int, kernel: str = "cuda") -> tu
     rows = [Row(t.key, t.label, t.bytes / GIB, t.where) for t in bwd_states]
     if z.stage == 0:  # its "gradients" are the full ones in flight, counted against the activations below
         rows = [r for r in rows if r.key != "grads"]
-    rows += [Row(t.key, t.label, t.bytes / GIB) for t in zero.transients(lay, z, "backward")]
+    rows += [Row(t.key, t.label, t.bytes / GIB) for t in zero.transients(lay, z, "backward", device)]
     act_row = Row("activations", f"activations saved for backward (micro batch {micro})", sum(saved.values()) / GIB)
     work_row = Row("backward_working", "backward working memory (estimate)", working / GIB)
     if in_flight:
@@ -138,7 +138,7 @@ def memory_rows(cfg: Config, world: int, micro: int, kernel: str = "cuda") -> tu
         rows += [act_row, work_row]
     backward_peak = sum(r.gib for r in rows if r.where == "device" and r.counted) * GIB
 
-    step_terms = states("step") + zero.transients(lay, z, "step")
+    step_terms = states("step") + zero.transients(lay, z, "step", device)
     step_peak = sum(t.bytes for t in step_terms if t.where == "device")
     if step_peak > backward_peak:
         return [Row(t.key, t.label, t.bytes / GIB, t.where) for t in step_terms], "step", step_peak
@@ -225,6 +225,11 @@ def step_time(cfg: Config, world: int, micro: int, accum: int, cl: Cluster) -> d
         collectives.append(dict(label=c.label, kind=c.kind, bytes=c.bytes, seconds=seconds, exposed_s=shown,
                                 overlapped=c.overlapped))
 
+    updated = sum(zero.sub_groups(lay, z)) if z.stage == 3 else (
+        lay.total if z.stage == 0 else sum(zero.flat_numel(lay.group_numels(g), world) // world
+                                          for g in range(len(lay.groups))))
+    optimizer_s = 0.0 if z.offload_optimizer else (
+        updated * hardware.OPTIMIZER_BYTES_PER_ELEMENT / (cl.gpu.hbm_tbs * 1e12 * hardware.HBM_EFFICIENCY))
     offload_s = 0.0
     if z.offload_optimizer or z.offload_params:
         part = sum(math.ceil(n / world) for n in lay.numels)
@@ -235,7 +240,7 @@ def step_time(cfg: Config, world: int, micro: int, accum: int, cl: Cluster) -> d
         if z.offload_params:
             trace = zero.zero3_trace(lay, z)
             offload_s += accum * z.lp * (part + trace.regathered / world) / pcie
-    step_s = compute_s + exposed + offload_s
+    step_s = compute_s + exposed + optimizer_s + offload_s
     per_gpu = images / step_s
     return dict(
         flops_per_image=flops,
@@ -243,6 +248,7 @@ def step_time(cfg: Config, world: int, micro: int, accum: int, cl: Cluster) -> d
         compute_s=compute_s,
         collectives=collectives,
         exposed_comm_s=exposed,
+        optimizer_s=optimizer_s,
         offload_s=offload_s,
         step_s=step_s,
         images_per_s_per_gpu=per_gpu,
@@ -304,7 +310,7 @@ ASSUMPTIONS = (
 )
 
 
-def make_plan(cfg: Config, cl: Cluster, epoch_size: int | None = None, kernel: str = "cuda") -> Plan:
+def make_plan(cfg: Config, cl: Cluster, epoch_size: int | None = None, device: str = "cuda") -> Plan:
     world = cl.world
     try:
         validate(cfg, world)
@@ -312,7 +318,7 @@ def make_plan(cfg: Config, cl: Cluster, epoch_size: int | None = None, kernel: s
         raise UserError(str(e)) from None
     micro, accum = _world_cfg(cfg, world)
     lay = layout(cfg)
-    rows, phase, allocated = memory_rows(cfg, world, micro, kernel)
+    rows, phase, allocated = memory_rows(cfg, world, micro, device)
     allowance = allocated * cl.fragmentation + cl.gpu.reserve_gib * GIB
     total = allocated + allowance
     capacity = cl.gpu.memory_gib * GIB
@@ -321,7 +327,7 @@ def make_plan(cfg: Config, cl: Cluster, epoch_size: int | None = None, kernel: s
     offending = max(counted, key=lambda r: r.gib).label if not fits else ""
     host = sum(r.gib for r in rows if r.where == "host") * cl.gpus_per_node
 
-    saved = act.saved_bytes(cfg, lay, micro, kernel)
+    saved = act.saved_bytes(cfg, lay, micro, device)
     plain = copy.deepcopy(cfg)
     plain.parallel.activation_checkpointing = False
     every = copy.deepcopy(cfg)
@@ -329,8 +335,8 @@ def make_plan(cfg: Config, cl: Cluster, epoch_size: int | None = None, kernel: s
     every.parallel.checkpoint_every_k_blocks = 1
     activations = dict(
         configured_gib=sum(saved.values()) / GIB,
-        without_checkpointing_gib=sum(act.saved_bytes(plain, layout(plain), micro, kernel).values()) / GIB,
-        every_block_gib=sum(act.saved_bytes(every, layout(every), micro, kernel).values()) / GIB,
+        without_checkpointing_gib=sum(act.saved_bytes(plain, layout(plain), micro, device).values()) / GIB,
+        every_block_gib=sum(act.saved_bytes(every, layout(every), micro, device).values()) / GIB,
         parts_gib={k: v / GIB for k, v in saved.items()},
     )
     largest, largest_valid = largest_micro_batch(cfg, cl)
@@ -407,7 +413,7 @@ def candidates(cfg: Config):
     """(overrides, config) for every ZeRO stage × offload × activation checkpointing the trainer accepts."""
     depth = layout(cfg).depth
     every = [k for k in CHECKPOINT_EVERY if k <= depth]
-    for stage in (0, 1, 2, 3):
+    for stage in (1, 2, 3):  # without ZeRO (stage 0) every GPU holds every state: it never fits where these don't
         offloads = [(False, False)]
         if cfg.optim.name == "adamw":  # ZeRO-Offload steps with DeepSpeedCPUAdam only
             offloads += [(True, False)] if stage == 2 else [(True, False), (True, True)] if stage == 3 else []
@@ -435,8 +441,19 @@ def overrides_for(cfg: Config, micro: int, accum: int) -> list[str]:
     return out + [f"train.micro_batch_per_rank={micro}", f"train.grad_accum={accum}"]
 
 
+# Within this fraction of the fastest prediction, the simpler configuration wins: what the model does not
+# see (ZeRO-3's per-module hooks and gathers, imperfect overlap, offload's host contention) grows with the
+# stage, the offload and the recomputation, so a prediction that close is not worth their risk.
+NEAR_FASTEST = 0.02
+
+
 def fit(cfg: Config, cl: Cluster) -> tuple[Config, list[str], dict] | None:
-    """The fastest predicted configuration that fits: (config, overrides that select it, its time), or None."""
+    """The fastest predicted configuration that fits: (config, overrides that select it, its time), or None.
+
+    For every ZeRO stage x offload x checkpointing the largest micro batch that fits and divides the global
+    batch is taken (larger is never slower here); among the results within NEAR_FASTEST of the fastest,
+    the lowest stage, then no offload, then the least recomputation wins.
+    """
     world = cl.world
     if cfg.train.global_batch % world:
         raise UserError(
@@ -444,9 +461,9 @@ def fit(cfg: Config, cl: Cluster) -> tuple[Config, list[str], dict] | None:
         )
     per_rank = cfg.train.global_batch // world
     capacity = cl.gpu.memory_gib * GIB
-    best = None
+    sizes = _divisors(per_rank)
+    found = []
     for c in candidates(cfg):
-        sizes = _divisors(per_rank)
         lo, hi = 0, len(sizes)
         while lo < hi:  # the largest micro batch that fits: memory grows with it
             mid = (lo + hi) // 2
@@ -459,12 +476,15 @@ def fit(cfg: Config, cl: Cluster) -> tuple[Config, list[str], dict] | None:
         micro = sizes[lo - 1]
         accum = per_rank // micro
         t = step_time(c, world, micro, accum, cl)
-        memory = peak_bytes(c, world, micro, cl)[1]
-        key = (-t["images_per_s"], memory)
-        if best is None or key < best[0]:
-            chosen = copy.deepcopy(c)
-            chosen.train.micro_batch_per_rank, chosen.train.grad_accum = micro, accum
-            best = (key, chosen, overrides_for(c, micro, accum), t)
-    if best is None:
+        p = c.parallel
+        recompute = len(layout(c).checkpointed)
+        simplicity = (p.zero_stage, p.offload_optimizer + p.offload_params, recompute)
+        found.append((t["images_per_s"], simplicity, c, micro, accum, t))
+    if not found:
         return None
-    return best[1], best[2], best[3]
+    fastest = max(f[0] for f in found)
+    near = [f for f in found if f[0] >= (1 - NEAR_FASTEST) * fastest]
+    _, _, c, micro, accum, t = min(near, key=lambda f: (f[1], -f[0]))
+    chosen = copy.deepcopy(c)
+    chosen.train.micro_batch_per_rank, chosen.train.grad_accum = micro, accum
+    return chosen, overrides_for(c, micro, accum), t

@@ -27,6 +27,7 @@ class GPU:
     intra_node_gbs: float  # NCCL bus bandwidth between the GPUs of one node, GB/s
     inter_node_gbps: float  # network bandwidth per GPU between nodes, Gbit/s
     pcie_gbs: float  # host <-> device copy bandwidth per GPU, GB/s (offload)
+    hbm_tbs: float  # device memory bandwidth, TB/s (the optimizer step is bound by it)
     reserve_gib: float = 1.0  # CUDA context, cuBLAS/NCCL workspaces: memory the allocator never reports
 
 
@@ -36,11 +37,11 @@ class GPU:
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
-        GPU("a100-40gb", 39.4, 312.0, 230.0, 200.0, 25.0),
-        GPU("a100-80gb", 79.2, 312.0, 230.0, 200.0, 25.0),
-        GPU("h100-80gb", 79.1, 989.0, 360.0, 400.0, 50.0),
-        GPU("h200-141gb", 139.8, 989.0, 360.0, 400.0, 50.0),
-        GPU("l40s-48gb", 44.4, 362.0, 20.0, 200.0, 25.0),
+        GPU("a100-40gb", 39.4, 312.0, 230.0, 200.0, 25.0, 1.56),
+        GPU("a100-80gb", 79.2, 312.0, 230.0, 200.0, 25.0, 2.04),
+        GPU("h100-80gb", 79.1, 989.0, 360.0, 400.0, 50.0, 3.35),
+        GPU("h200-141gb", 139.8, 989.0, 360.0, 400.0, 50.0, 4.8),
+        GPU("l40s-48gb", 44.4, 362.0, 20.0, 200.0, 25.0, 0.86),
     )
 }
 
@@ -57,6 +58,11 @@ DEFAULT_FRAGMENTATION = 0.05
 
 # ZeRO-Offload's optimizer runs on the host (DeepSpeedCPUAdam): parameters updated per second per rank.
 CPU_ADAM_PARAMS_PER_S = 1.0e9
+# The optimizer step on the device is bound by memory traffic: per updated element it reads the fp32 master
+# weight, both moments and the fp32 gradient, writes the first three back (28 bytes), and reads the 16-bit
+# gradient and writes the 16-bit weight (4 more). Achieved bandwidth is taken as this fraction of the peak.
+OPTIMIZER_BYTES_PER_ELEMENT = 32
+HBM_EFFICIENCY = 0.7
 
 
 def load_table(path: str | os.PathLike | None) -> dict[str, GPU]:
@@ -120,7 +126,7 @@ def detect(peak_tflops: float | None = None) -> GPU:
 
     if not torch.cuda.is_available():
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-        return GPU("cpu", memory, peak_tflops or 1.0, 1.0, 1.0, 1.0, reserve_gib=0.0)
+        return GPU("cpu", memory, peak_tflops or 1.0, 1.0, 1.0, 1.0, 0.1, reserve_gib=0.0)
     props = torch.cuda.get_device_properties(0)
     name, memory = props.name.upper(), props.total_memory / GIB
     for key, row in GPUS.items():
@@ -129,7 +135,7 @@ def detect(peak_tflops: float | None = None) -> GPU:
             return dataclasses.replace(row, peak_tflops=peak_tflops or row.peak_tflops)
     from vit_scale.observe.metrics import peak_tflops as table_peak
 
-    return GPU(props.name, memory, peak_tflops or table_peak() or 1.0, 230.0, 200.0, 25.0)
+    return GPU(props.name, memory, peak_tflops or table_peak() or 1.0, 230.0, 200.0, 25.0, 2.0)
 
 
 # SLURM --constraint features that name a GPU model. Ambiguous ones (a bare "a100" is 40 or 80 GB) map to

@@ -78,6 +78,8 @@ def render(d: dict) -> str:
             f"  {col['label'] + ' (' + _gb(col['bytes']) + ')':<60} {col['seconds'] * 1e3:8.1f}  {how}"
             + (f", {col['exposed_s'] * 1e3:.1f} exposed" if col["overlapped"] else "")
         )
+    if t["optimizer_s"]:
+        lines.append(f"  {'optimizer step (memory-bound)':<60} {t['optimizer_s'] * 1e3:8.1f}")
     if t["offload_s"]:
         lines.append(f"  {'offload: PCIe copies and the host optimizer':<60} {t['offload_s'] * 1e3:8.1f}")
     lines.append(f"  {'step':<60} {t['step_s'] * 1e3:8.1f}")

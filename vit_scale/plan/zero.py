@@ -78,9 +78,14 @@ def zero_settings(cfg: Config, world: int) -> ZeroSettings:
 def _settings(zero_json: str, dtype: str, optimizer: str, offload_optimizer: bool, offload_params: bool,
               world: int) -> ZeroSettings:
     import ast
+    import contextlib
+    import sys
 
-    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    # DeepSpeed's logger writes to the stdout it finds when first imported; `vit-scale plan --json` owns
+    # stdout, so its import-time notes (no accelerator on a login node) go to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     z = DeepSpeedZeroConfig(**ast.literal_eval(zero_json))
     return ZeroSettings(
@@ -166,8 +171,10 @@ def sub_groups(lay: Layout, z: ZeroSettings) -> list[int]:
 # ---------------------------------------------------------------- model states
 
 
-def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum: int = 1) -> list[Term]:
-    """Every model-state tensor a rank holds at `phase`, with where it lives."""
+def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum: int = 1,
+                 device: str = "cuda") -> list[Term]:
+    """Every model-state tensor a rank holds at `phase`, with where it lives. `device` is the accelerator:
+    on "cpu" (the tests) moving an offloaded tensor to the device is no copy."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}")
     lp, N = z.lp, z.world
@@ -221,9 +228,8 @@ def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum
     subs = sub_groups(lay, z)
     part_total = sum(ceil_div(n, N) for n in lay.numels)
     add("params", "parameters (partition)", lp * part_total, "host" if z.offload_params else "device")
-    if phase != "step" and N > 1:
-        # The step re-partitions the persistent ones and gathers them after it. On one rank a gathered
-        # parameter is its partition (`_no_gather_coalesced`): no second copy.
+    if phase != "step" and _gathered_is_a_copy(z, device):
+        # The step re-partitions the persistent ones and gathers them after it.
         add("params_persistent", "parameters kept whole (persistence threshold)",
             lp * sum(n for n, k in zip(lay.numels, keep) if k))
     add("grads", "gradients (partition)", lp * part_total, dev_opt)
@@ -241,6 +247,12 @@ def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum
 
 
 # ---------------------------------------------------------------- transients
+
+
+def _gathered_is_a_copy(z: ZeroSettings, device: str) -> bool:
+    """Whether a gathered ZeRO-3 parameter takes memory of its own. On one rank it is its partition moved
+    to the device (`_no_gather_coalesced`, `NoGatherHandle`): a view unless the partition is offloaded."""
+    return z.world > 1 or (z.offload_params and device != "cpu")
 
 
 @dataclass(frozen=True)
@@ -322,7 +334,7 @@ def zero3_trace(lay: Layout, z: ZeroSettings) -> Zero3Trace:
     return Zero3Trace(peak, regathered)
 
 
-def transients(lay: Layout, z: ZeroSettings, phase: str) -> list[Term]:
+def transients(lay: Layout, z: ZeroSettings, phase: str, device: str = "cuda") -> list[Term]:
     """Device buffers that exist only during backward ("backward") or the optimizer step ("step")."""
     lp, N, P = z.lp, z.world, lay.total
     out: list[Term] = []
@@ -350,7 +362,7 @@ def transients(lay: Layout, z: ZeroSettings, phase: str) -> list[Term]:
         return out
     # reduce_scatter_coalesced() interleaves the bucket's padded partitions into one new tensor.
     add("reduce_copy", "reduce-scatter flatten copy", lp * min(sum(ceil_div(n, N) * N for n in lay.numels), z.reduce_bucket))
-    if N > 1:  # one rank's "gathered" parameters are views of its partitions
+    if _gathered_is_a_copy(z, device):
         add("gathered", "gathered parameters (ZeRO-3 working set)", lp * zero3_trace(lay, z).peak_gathered)
     return out
 
