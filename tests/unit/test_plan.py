@@ -69,15 +69,25 @@ def test_the_configured_h14_recipe_on_one_node_does_not_fit_and_says_which_term(
 def test_grid_prints_one_row_per_combination(capsys):
     out = run(capsys, B16, "--gpu", "a100-80gb,h200-141gb", "--grid", "parallel.zero_stage=1,3",
               "--grid", "parallel.activation_checkpointing=false,true")
-    rows = [line for line in out.splitlines() if line.startswith(("a100", "h200"))]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("a100", "h200"))]
     assert len(rows) == 8
-    assert rows[0].split()[:3] == ["a100-80gb", "parallel.zero_stage=1", "parallel.activation_checkpointing=false"]
-    micro = {tuple(r.split()[:3]): int(r.split()[3]) for r in rows}
+    assert rows[0][:4] == ["a100-80gb", "1", "parallel.zero_stage=1", "parallel.activation_checkpointing=false"]
+    micro = {(r[0], r[2], r[3]): int(r[4]) for r in rows}
     # checkpointing lets a larger micro batch fit; the H200's memory too
     assert micro["a100-80gb", "parallel.zero_stage=1", "parallel.activation_checkpointing=true"] >= micro[
         "a100-80gb", "parallel.zero_stage=1", "parallel.activation_checkpointing=false"]
     assert micro["h200-141gb", "parallel.zero_stage=1", "parallel.activation_checkpointing=false"] >= micro[
         "a100-80gb", "parallel.zero_stage=1", "parallel.activation_checkpointing=false"]
+
+
+def test_summary_rows_per_node_count_show_scaling_and_cost(capsys):
+    rows = json.loads(run(capsys, B16, "--gpu", "a100-80gb", "--nodes", "1,4,16", "--summary", "--json",
+                          "--epoch-size", "14200000"))
+    assert [r["nodes"] for r in rows] == [1, 4, 16]
+    assert rows[0]["scaling_efficiency_vs_one_node"] == 1.0
+    assert rows[2]["scaling_efficiency_vs_one_node"] < rows[1]["scaling_efficiency_vs_one_node"] < 1
+    # the same images at lower per-GPU speed: more GPU-hours, fewer wall hours
+    assert rows[2]["gpu_hours"] > rows[0]["gpu_hours"] and rows[2]["wall_hours"] < rows[0]["wall_hours"]
 
 
 def test_compute_time_is_the_flops_over_peak_at_the_mfu():
@@ -161,6 +171,7 @@ def test_slurm_constraints_map_to_a_gpu_only_when_they_name_one_model(constraint
     [
         (["--gpu", "tpu-v4"], "unknown GPU 'tpu-v4'; known: a100-40gb"),
         (["--gpu", "h100-80gb", "--nodes", "0"], "--nodes must be at least 1, got 0"),
+        (["--gpu", "h100-80gb", "--nodes", "two"], "--nodes 'two' must be a number"),
         (["--gpu", "h100-80gb", "--mfu", "45"], "--mfu must be in (0, 1], got 45.0"),
         (["--gpu", "h100-80gb", "--grid", "parallel.zero_stage"], "--grid 'parallel.zero_stage' must look like"),
         (["--gpu", "h100-80gb", "model.dept=3"], "unknown config key 'model.dept'"),

@@ -5,11 +5,13 @@ of a training configuration on a cluster, before it is queued.
     vit-scale plan configs/pretrain/vit_h14_jft.yaml --gpu a100-80gb --nodes 4 --gpus-per-node 8 --fit
     vit-scale plan configs/pretrain/vit_b16_in21k.yaml --gpu a100-80gb,h100-80gb --nodes 1 --gpus-per-node 8 \\
         --grid parallel.zero_stage=1,2,3 --grid parallel.activation_checkpointing=false,true
+    vit-scale plan configs/pretrain/vit_l16_in21k.yaml --gpu h100-80gb --nodes 1,2,4,8 --summary --epoch-size 14200000
 
 `--fit` searches micro batch x activation checkpointing (off, every k-th block) x ZeRO stage 1-3 x offload and
-prints the fastest predicted configuration that fits, with the overrides that select it. `--grid KEY=A,B`
-(repeatable) prints one summary row per combination instead of the full plan. `--json` prints the same
-numbers as the table. docs/planning.md gives the formulas, their sources and how they were checked.
+prints the fastest predicted configuration that fits, with the overrides that select it. `--summary` prints one
+row per GPU x node count (and per combination of `--grid KEY=A,B`, repeatable) at the largest micro batch that
+fits, instead of the full plan. `--json` prints the same numbers as the table. docs/planning.md gives the
+formulas, their sources and how they were checked.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value settings on top of the recipe")
     p.add_argument("--gpu", required=True, help=f"GPU model, or several separated by commas: {', '.join(GPUS)}")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--nodes", default="1", help="nodes (default 1), or several separated by commas")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default 8)")
     p.add_argument("--interconnect-gbps", type=float, help="network bandwidth per GPU between nodes, Gbit/s "
                    "(default: the GPU table's)")
@@ -47,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: data.train's index.json when it exists here)")
     p.add_argument("--fit", action="store_true", help="search for the fastest configuration that fits")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=A,B",
-                   help="one summary row per value (repeatable; combinations of all)")
+                   help="one summary row per value (repeatable; combinations of all); implies --summary")
+    p.add_argument("--summary", action="store_true", help="one row per GPU, node count and --grid combination")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return p
 
@@ -59,7 +62,12 @@ def _clusters(args):
     names = [n for n in args.gpu.split(",") if n]
     if not names:
         raise UserError("--gpu names no GPU")
-    return [cluster(lookup(n, table), args.nodes, args.gpus_per_node, args.interconnect_gbps, args.mfu) for n in names]
+    try:
+        nodes = [int(n) for n in args.nodes.split(",") if n]
+    except ValueError:
+        raise UserError(f"--nodes {args.nodes!r} must be a number or numbers separated by commas") from None
+    return [cluster(lookup(name, table), n, args.gpus_per_node, args.interconnect_gbps, args.mfu)
+            for name in names for n in nodes]
 
 
 def _grid(args) -> list[list[str]]:
@@ -69,7 +77,7 @@ def _grid(args) -> list[list[str]]:
         if not sep or not values:
             raise UserError(f"--grid {spec!r} must look like section.key=value1,value2")
         axes.append([f"{key}={v}" for v in values.split(",")])
-    return [list(combo) for combo in itertools.product(*axes)]
+    return [list(combo) for combo in itertools.product(*axes)]  # one empty combination without --grid
 
 
 def fit_result(cfg, cl, epoch_size):
@@ -96,31 +104,36 @@ def grid_rows(args, clusters) -> list[dict]:
             cfg = load_config(args.config, [*args.overrides, *combo])
             base = make_plan(cfg, cl, args.epoch_size).to_dict()
             micro = base["largest_valid_micro_batch"]
-            row = dict(gpu=cl.gpu.name, settings=combo, fitting_micro_batch=micro)
+            row = dict(gpu=cl.gpu.name, nodes=cl.nodes, settings=combo, fitting_micro_batch=micro)
             if micro:
                 per_rank = cfg.train.global_batch // cl.world
                 sized = copy.deepcopy(cfg)
                 sized.train.micro_batch_per_rank, sized.train.grad_accum = micro, per_rank // micro
                 d = make_plan(sized, cl, args.epoch_size).to_dict()
-                row.update(memory_gib=d["total_gib"], images_per_s_per_gpu=d["time"]["images_per_s_per_gpu"],
-                           images_per_s=d["time"]["images_per_s"],
-                           scaling_efficiency_vs_one_node=d["time"]["scaling_efficiency_vs_one_node"])
+                t = d["time"]
+                row.update(memory_gib=d["total_gib"], images_per_s_per_gpu=t["images_per_s_per_gpu"],
+                           images_per_s=t["images_per_s"],
+                           scaling_efficiency_vs_one_node=t["scaling_efficiency_vs_one_node"],
+                           wall_hours=d["cost"].get("wall_hours"), gpu_hours=d["cost"].get("gpu_hours"))
             rows.append(row)
     return rows
 
 
 def render_grid(rows: list[dict]) -> str:
-    settings = max(len(" ".join(r["settings"])) for r in rows)
-    lines = [f"{'gpu':<11} {'settings':<{settings}} {'micro':>5} {'GiB':>6} {'img/s/GPU':>9} {'img/s':>9}"]
+    settings = max([len("settings")] + [len(" ".join(r["settings"])) for r in rows])
+    lines = [f"{'gpu':<11} {'nodes':>5} {'settings':<{settings}} {'micro':>5} {'GiB':>6} {'img/s/GPU':>9} "
+             f"{'img/s':>9} {'scaling':>7} {'wall h':>8} {'GPU-h':>8}"]
     for r in rows:
-        micro = r["fitting_micro_batch"]
-        if micro:
-            lines.append(f"{r['gpu']:<11} {' '.join(r['settings']):<{settings}} {micro:>5} {r['memory_gib']:6.1f} "
-                         f"{r['images_per_s_per_gpu']:9,.0f} {r['images_per_s']:9,.0f}")
-        else:
-            lines.append(f"{r['gpu']:<11} {' '.join(r['settings']):<{settings}} {'-':>5} {'does not fit':>26}")
-    lines.append("micro: the largest micro batch per GPU that fits and divides the global batch; GiB: predicted "
-                 "peak with the allowance at that micro batch")
+        head = f"{r['gpu']:<11} {r['nodes']:>5} {' '.join(r['settings']):<{settings}}"
+        if not r["fitting_micro_batch"]:
+            lines.append(f"{head} {'-':>5} does not fit")
+            continue
+        cost = (f"{r['wall_hours']:8,.1f} {r['gpu_hours']:8,.0f}" if r["gpu_hours"] is not None
+                else f"{'-':>8} {'-':>8}")
+        lines.append(f"{head} {r['fitting_micro_batch']:>5} {r['memory_gib']:6.1f} {r['images_per_s_per_gpu']:9,.0f} "
+                     f"{r['images_per_s']:9,.0f} {r['scaling_efficiency_vs_one_node']:7.1%} {cost}")
+    lines.append("micro: the largest micro batch per GPU that fits and divides the global batch; GiB: predicted peak "
+                 "with the allowance at that micro batch; scaling: images/s per GPU against one node")
     return "\n".join(lines)
 
 
@@ -132,7 +145,7 @@ def main(argv: list[str]) -> int:
     if args.epoch_size is not None and args.epoch_size < 1:
         raise UserError(f"--epoch-size must be positive, got {args.epoch_size}")
     clusters = _clusters(args)
-    if args.grid:
+    if args.grid or args.summary:
         rows = grid_rows(args, clusters)
         print(json.dumps(rows, indent=2) if args.json else render_grid(rows))
         return 0
