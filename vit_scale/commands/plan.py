@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=A,B",
                    help="one summary row per value (repeatable; combinations of all); implies --summary")
     p.add_argument("--summary", action="store_true", help="one row per GPU, node count and --grid combination")
+    p.add_argument("--markdown", action="store_true", help="with --summary: a markdown table (one column per GPU "
+                   "when there are several), as docs/planning.md shows them")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return p
 
@@ -100,11 +102,19 @@ def grid_rows(args, clusters) -> list[dict]:
 
     rows = []
     for cl in clusters:
+        seen = set()
         for combo in _grid(args):
             cfg = load_config(args.config, [*args.overrides, *combo])
             base = make_plan(cfg, cl, args.epoch_size).to_dict()
+            same = json.dumps(base["config"], sort_keys=True)  # e.g. every k-th block with checkpointing off
+            if same in seen:
+                continue
+            seen.add(same)
             micro = base["largest_valid_micro_batch"]
-            row = dict(gpu=cl.gpu.name, nodes=cl.nodes, settings=combo, fitting_micro_batch=micro)
+            if not cfg.parallel.activation_checkpointing:  # its every-k setting is not in effect: not shown
+                combo = [x for x in combo if not x.startswith("parallel.checkpoint_every_k_blocks=")]
+            row = dict(gpu=cl.gpu.name, nodes=cl.nodes, gpus_per_node=cl.gpus_per_node, settings=combo,
+                       fitting_micro_batch=micro)
             if micro:
                 per_rank = cfg.train.global_batch // cl.world
                 sized = copy.deepcopy(cfg)
@@ -137,6 +147,43 @@ def render_grid(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _short(setting: str) -> str:
+    key, _, value = setting.partition("=")
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
+def render_markdown(rows: list[dict]) -> str:
+    gpus = list(dict.fromkeys(r["gpu"] for r in rows))
+    if len(gpus) > 1:  # settings down, GPUs across
+        lines = ["| settings | " + " | ".join(f"{g}: micro, GiB, img/s/GPU" for g in gpus) + " |",
+                 "|---|" + "---:|" * len(gpus)]
+        cells: dict[tuple, dict[str, str]] = {}
+        for r in rows:
+            key = (r["nodes"], tuple(r["settings"]))
+            cell = ("does not fit" if not r["fitting_micro_batch"] else
+                    f"{r['fitting_micro_batch']}, {r['memory_gib']:.1f}, {r['images_per_s_per_gpu']:,.0f}")
+            cells.setdefault(key, {})[r["gpu"]] = cell
+        several = len({nodes for nodes, _ in cells}) > 1
+        for (nodes, settings), by_gpu in cells.items():
+            name = " ".join(_short(x) for x in settings) or "as configured"
+            name = f"{nodes} nodes, {name}" if several else name
+            lines.append(f"| {name} | " + " | ".join(by_gpu.get(g, "") for g in gpus) + " |")
+        return "\n".join(lines)
+    lines = ["| nodes | GPUs | settings | micro | GiB | img/s | img/s/GPU | scaling | wall h | GPU-h |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = " ".join(_short(x) for x in r["settings"]) or "as configured"
+        gpus_n = r["nodes"] * (r.get("gpus_per_node") or 0)
+        if not r["fitting_micro_batch"]:
+            lines.append(f"| {r['nodes']} | {gpus_n} | {name} | does not fit | | | | | | |")
+            continue
+        cost = (f"{r['wall_hours']:,.1f} | {r['gpu_hours']:,.0f}" if r["gpu_hours"] is not None else " | ")
+        lines.append(f"| {r['nodes']} | {gpus_n} | {name} | {r['fitting_micro_batch']} | {r['memory_gib']:.1f} | "
+                     f"{r['images_per_s']:,.0f} | {r['images_per_s_per_gpu']:,.0f} | "
+                     f"{r['scaling_efficiency_vs_one_node']:.0%} | {cost} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     from vit_scale.plan import make_plan
     from vit_scale.plan.text import render
@@ -147,7 +194,7 @@ def main(argv: list[str]) -> int:
     clusters = _clusters(args)
     if args.grid or args.summary:
         rows = grid_rows(args, clusters)
-        print(json.dumps(rows, indent=2) if args.json else render_grid(rows))
+        print(json.dumps(rows, indent=2) if args.json else render_markdown(rows) if args.markdown else render_grid(rows))
         return 0
     cfg = load_config(args.config, args.overrides)
     out, text = [], []
