@@ -62,7 +62,6 @@ CASES_ON: dict[str, tuple[int, ...]] = {
     "fp32 stage 0": (1, 2),
     "bf16 stage 0": (2, 4),
     "fp32 stage 1": (2, 4),
-    "bf16 stage 2": (2, 4),
     "bf16 stage 2 sgd": (2,),
     "fp32 stage 3": (2,),
     "bf16 stage 3 offload": (2,),
@@ -163,7 +162,9 @@ def test_zero3_gathered_parameters_as_replayed(measured, name, world):
     predicted = zero.zero3_trace(layout(cfg), zero.zero_settings(cfg, world)).peak_gathered
     for rank in range(world):
         got = measured[name, world, rank]["gathered"]
-        assert got > 0 and error(predicted, got) <= 0.05, (name, world, rank, predicted, got)
+        assert got > 0
+        record("zero-3 gathered parameters", error(predicted, got))
+        assert error(predicted, got) <= 0.05, (name, world, rank, predicted, got)
 
 
 # ---------------------------------------------------------------- activations (one process, no engine)
@@ -221,4 +222,4 @@ def test_saved_activation_bytes_within_5_percent(shape, ckpt, dtype):
 
 def test_zz_report_worst_errors():
     """Printed with `pytest -s`: the worst relative error of each check in this run (docs/planning.md)."""
-    print("\nworst relative errors:", {k: f"{v:.3%}" for k, v in sorted(WORST.items())})
+    print("\nworst relative errors:", {k: f"{v:.4%}" for k, v in sorted(WORST.items())})
