@@ -2,6 +2,7 @@
 
     vit-scale slurm pretrain CONFIG [key=value ...] --nodes N --gpus-per-node G [--partition P] [--time T]
                     [--account A] [--qos Q] [--constraint C] [--exclude NODES] [--mem M] [--dry-run]
+                    [--gpu MODEL] [--force]
     vit-scale slurm finetune CONFIG [key=value ...] ...      (the same options)
     vit-scale slurm shards SOURCE --out DIR --array N ... [-- BUILD OPTIONS]
                     a job array: task I runs `vit-scale shards build SOURCE --out DIR --array-index I
@@ -10,6 +11,9 @@
                     a job array, one task per VTAB-1k dataset; a follow-up job writes the table
 
 `--dry-run` prints the scripts; otherwise they are written to RUN_DIR/slurm/ and submitted with sbatch.
+For pretrain and finetune on GPUs whose model is known (`--gpu`, or a `--constraint` naming one), the job's
+`vit-scale plan` is printed first (on stderr) and a job that will not fit is refused, with the largest
+memory term and the `--fit` suggestion, unless `--force`.
 Inside the job, launch/env.py turns SLURM_* into RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 
 Every value that reaches a script (paths, names, overrides, options) is checked first: a control character
@@ -148,6 +152,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             default=300,
             help="SIGUSR1 this many seconds before the time limit, to checkpoint (default 300)",
         )
+        p.add_argument("--gpu", help="GPU model for the memory check (`vit-scale plan --help` lists them); "
+                       "default: the one --constraint names, if it names one")
+        p.add_argument("--force", action="store_true", help="queue the job even if the plan says it will not fit")
     else:
         p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per array task (default 0)")
     if kind == "vtab":
@@ -224,6 +231,32 @@ def _config(args, kind: str, world_size: int):
     return cfg
 
 
+def _check_fits(cfg, args, gpus: int) -> None:
+    """Print the job's plan (stderr, so a --dry-run script on stdout stays a script) and refuse a job that
+    will not fit on its GPUs, unless --force."""
+    from vit_scale.plan import cluster, fit, gpu_from_constraint, lookup, make_plan
+    from vit_scale.plan.text import render
+
+    name = args.gpu or (gpu_from_constraint(args.constraint) if args.constraint else None)
+    if name is None:
+        print("vit-scale slurm: no memory check: give --gpu (or a --constraint naming one GPU model)", file=sys.stderr)
+        return
+    cl = cluster(lookup(name), args.nodes, gpus)
+    p = make_plan(cfg, cl).to_dict()
+    print(render(p) + "\n", file=sys.stderr)
+    if p["fits"] or args.force:
+        return
+    found = fit(cfg, cl)
+    suggestion = (f"`vit-scale plan --fit` suggests: {' '.join(found[1])}" if found
+                  else f"nothing fits on {cl.world} x {name}: use more or larger GPUs")
+    print(suggestion, file=sys.stderr)
+    largest = next(r for r in p["memory"] if r["label"] == p["offending"])
+    raise UserError(
+        f"the job will not fit: {p['offending']} ({largest['gib']:.1f} GiB) brings the total to "
+        f"{p['total_gib']:.1f} GiB per GPU on {name} ({p['capacity_gib']:g} GiB); {suggestion}; or pass --force"
+    )
+
+
 def _run_dir(args, cfg) -> tuple[Path, str]:
     """The job's run directory, resolved, and the #SBATCH --output prefix of its logs (RUN_DIR/slurm)."""
     option = "--run-dir" if args.run_dir else "run.dir"
@@ -265,6 +298,8 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
             )
         tasks_per_node = max(gpus, 1)
         cfg = _config(args, kind, args.nodes * tasks_per_node)
+        if gpus:
+            _check_fits(cfg, args, gpus)
         recipe = _recipe(args)
         run_dir, log_dir = _run_dir(args, cfg)
         name = args.job_name or _job_name("run.name (the default --job-name)", cfg.run.name)

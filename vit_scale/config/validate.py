@@ -221,6 +221,11 @@ def _check_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"parallel.offload_optimizer needs ZeRO stage 2 or 3, but parallel.zero_stage={p.zero_stage}"
         )
+    if p.offload_optimizer and cfg.optim.name != "adamw":
+        raise ConfigError(
+            f"parallel.offload_optimizer steps with DeepSpeed's CPU Adam only, but optim.name={cfg.optim.name}; "
+            "use optim.name=adamw or set parallel.offload_optimizer=false"
+        )
     if p.offload_params and p.zero_stage < 3:
         raise ConfigError(f"parallel.offload_params needs ZeRO stage 3, but parallel.zero_stage={p.zero_stage}")
     if p.world_size is not None and p.world_size != world_size:
