@@ -21,19 +21,15 @@ import copy
 import itertools
 import json
 
+from vit_scale.commands.args import Parser
 from vit_scale.config import load_config
 from vit_scale.errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def parser() -> argparse.ArgumentParser:
     from vit_scale.plan import GPUS
 
-    p = _Parser(prog="vit-scale plan", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="vit-scale plan", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("config", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value settings on top of the recipe")
