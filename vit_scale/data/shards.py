@@ -29,13 +29,35 @@ INDEX_NAME = "index.json"
 PROGRESS_NAME = ".progress.json"
 FORMAT = "vit-scale-shards"
 FORMAT_VERSION = 1
-_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+# Letters and digits of any script, '_' and '-'; a '~' only before the hash that `make_key` and
+# `unique_key` append, so a key carrying one never equals a name kept as it is.
+_KEY_OK = re.compile(r"^[\w\-]+(~[0-9a-f]{16})?$")
+_PREFIX_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+MAX_KEY_BYTES = 80  # ustar keeps 100 bytes of a member name: the key, a dot and the longest extension fit
+
+
+def _key_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def make_key(text: str) -> str:
-    """A WebDataset key from a path or name: no dots (WebDataset splits the extension at the first one)."""
-    key = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
-    return key or "sample"
+    """A WebDataset key from a path or name: no dots (WebDataset splits the extension at the first one).
+
+    Letters of any script are kept (`猫/写真.jpg` -> `猫_写真_jpg`); every other run of characters becomes
+    `_`. A key too long for a tar header is cut and made unique again by a hash of the whole text.
+    """
+    key = re.sub(r"[^\w\-]+", "_", text).strip("_") or "sample"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        cut = key.encode()[: MAX_KEY_BYTES - 17].decode("utf-8", "ignore")
+        key = f"{cut}~{_key_hash(text)}"
+    return key
+
+
+def unique_key(key: str, text: str) -> str:
+    """A key for `text` that cannot collide with readable keys: two names that `make_key` maps alike
+    (`a b.jpg` and `a_b.jpg`) both get one, told apart by a hash of the whole text."""
+    base = key.split("~")[0].encode()[: MAX_KEY_BYTES - 17].decode("utf-8", "ignore")
+    return f"{base}~{_key_hash(text)}"
 
 
 def label_text(label: int | list[int]) -> tuple[str, bytes]:
@@ -103,7 +125,7 @@ class ShardWriter:
             raise UserError(f"shard size must be at least 1 sample, got {shard_size}")
         if shard_bytes is not None and shard_bytes < 1:
             raise UserError(f"shard bytes must be positive, got {shard_bytes}")
-        if not _KEY_OK.match(prefix):
+        if not _PREFIX_OK.match(prefix):
             raise UserError(f"shard prefix {prefix!r} may hold only letters, digits, '_' and '-'")
         self.out_dir = Path(out_dir)
         self.shard_size = shard_size
