@@ -25,16 +25,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from vit_scale.train.loop import train
-
     args = parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or cfg.run.dir)
     cfg.run.dir = str(run_dir)
 
     def body(batch: Batch) -> int:
+        from vit_scale.train.loop import train  # DeepSpeed loads here, after the checks and the lock
+
         on_rank0(save_config, cfg, run_dir / "config.yaml")
         train(cfg, run_dir)
         return 0
 
-    return run_ranks("pretrain", args, argv, lambda world: validate(cfg, world), body)
+    return run_ranks("pretrain", args, argv, lambda world: validate(cfg, world), body, run_dir)
