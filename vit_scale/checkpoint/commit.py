@@ -1,7 +1,7 @@
 """Checkpoints that never tear: DeepSpeed's sharded save under our own commit protocol.
 
     checkpoints/step_000000020/   DeepSpeed's files + rank_00000.pt ... (each rank's data position and RNGs)
-                  manifest.json   sizes and sha256 of every file, counters, world size, ZeRO stage
+                  manifest.json   sizes and sha256 of every file, counters, world size, ZeRO stage, who wrote it
                   COMMITTED       written last, after every rank finished and the manifest is on disk
     checkpoints/latest            name of the newest committed step, replaced atomically
 
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vit_scale.checkpoint import safe_load
+from vit_scale.checkpoint.lock import writer
 from vit_scale.dist import barrier, collective_device, is_multi_rank, is_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
@@ -153,6 +155,8 @@ def save(
             "trainer": trainer_state,
             "config": config,  # a checkpoint directory describes itself, even copied away from its run
             "time": time.time(),
+            # Who wrote it (user, host, pid, job id): resuming unpickles its files, so know whose they are.
+            "writer": writer(),
             "files": _manifest_files(ckpt),
         }
         atomic_write_json(ckpt / MANIFEST, manifest)
@@ -331,7 +335,7 @@ def load(
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-        own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
+        own = safe_load.load(ckpt / rank_file_name(rank()))
         return client["trainer"], own
 
     was_offloaded = bool(manifest.get("config", {}).get("parallel", {}).get("offload_optimizer"))

@@ -212,14 +212,9 @@ def _heads_from_meta(meta: dict) -> int | None:
 
 def _from_checkpoint(path: Path) -> Pretrained:
     """A committed checkpoint (newest under a run directory, or the one named), any ZeRO stage."""
-    import contextlib
-    import io
-
     from vit_scale.checkpoint import load_consolidated_state_dict
 
-    # DeepSpeed narrates the merge of the optimizer shards on stdout; our commands print their own lines.
-    with contextlib.redirect_stdout(io.StringIO()):
-        sd, cfg = load_consolidated_state_dict(path)
+    sd, cfg = load_consolidated_state_dict(path)
     heads = _dims(cfg.model)["heads"]
     return Pretrained(sd, infer_model_config(sd, heads=heads, hint=cfg.model), "checkpoint", str(path))
 
