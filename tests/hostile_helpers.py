@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# DeepSpeed logs its accelerator choice on import; that line is not ours and not an error.
-_LIBRARY_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] ")
+# DeepSpeed logs its accelerator choice on import and torch's extension loader its CUDA search (glog
+# style): lines of the libraries' own, not errors.
+_LIBRARY_LOG = re.compile(r"^(\[\d{4}-\d\d-\d\d [\d:,]+\] \[(INFO|WARNING)\] |[IW]\d{4} [\d:.]+ \d+ \S+\] )")
 
 
-def cli(*args, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(
+    *args, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`vit-scale ARGS` in a process of its own, as a user runs it."""
     e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VIT_SCALE_JOB_ID"):
@@ -59,7 +62,9 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
 def written_outside(before: dict, after: dict, out: str) -> list[str]:
     """Paths new or changed between two `tree` snapshots that are not under `out` (relative)."""
     return sorted(
-        p for p, v in after.items() if before.get(p) != v and p != out and not p.startswith(out.rstrip("/") + "/")
+        p
+        for p, v in after.items()
+        if before.get(p) != v and p != out and not p.startswith(out.rstrip("/") + "/")
     )
 
 

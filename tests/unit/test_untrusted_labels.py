@@ -22,7 +22,9 @@ from vit_scale.io import atomic_write_json
 
 
 def build(capsys, source: Path, out: Path, *extra: str) -> tuple[int, str]:
-    rc = vit_scale(["shards", "build", str(source), "--out", str(out), "--no-progress", "--workers", "1", *extra])
+    rc = vit_scale(
+        ["shards", "build", str(source), "--out", str(out), "--no-progress", "--workers", "1", *extra]
+    )
     return rc, capsys.readouterr().err
 
 
@@ -48,7 +50,9 @@ def samples(out: Path) -> dict[str, dict[str, bytes]]:
 
 
 def labels_by_source(out: Path) -> dict[str, str]:
-    return {json.loads(s["json"])["source"]: (s.get("cls") or s["labels"]).decode() for s in samples(out).values()}
+    return {
+        json.loads(s["json"])["source"]: (s.get("cls") or s["labels"]).decode() for s in samples(out).values()
+    }
 
 
 def index_of(out: Path) -> dict:
@@ -157,7 +161,9 @@ def vtab_folder(root: Path, name: str, lines: dict[str, str]) -> Path:
 def test_vtab_labels_are_checked_against_the_tasks_class_count(capsys, tmp_path):
     # DTD has 47 classes: a label 47 in its test list is a class that does not exist.
     task = vtab_folder(tmp_path, "dtd", {"test": "images/0.jpg 3\nimages/1.jpg 47\n"})
-    refused(capsys, task, tmp_path / "out", f"{task / 'test.txt'}:2:", "not a class of VTAB-1k dtd, which has 47")
+    refused(
+        capsys, task, tmp_path / "out", f"{task / 'test.txt'}:2:", "not a class of VTAB-1k dtd, which has 47"
+    )
     ok = vtab_folder(tmp_path / "ok", "dtd", {"test": "images/0.jpg 3\nimages/1.jpg 46\n"})
     rc, err = build(capsys, ok, tmp_path / "ok_out", "--split", "test")
     assert rc == 0, err
@@ -169,10 +175,19 @@ def test_vtab_unparsable_label_and_escaping_path_name_file_and_line(capsys, tmp_
     refused(capsys, task, tmp_path / "a", f"{task / 'val200.txt'}:2:", "label 'one' is not a class id")
     (tmp_path / "outside.jpg").write_bytes(jpeg_bytes(7))
     task = vtab_folder(tmp_path / "b", "task", {"test": "images/0.jpg 0\n../../outside.jpg 1\n"})
-    refused(capsys, task, tmp_path / "b_out", f"{task / 'test.txt'}:2:", "outside the source directory", extra=("--split", "test"))
+    refused(
+        capsys,
+        task,
+        tmp_path / "b_out",
+        f"{task / 'test.txt'}:2:",
+        "outside the source directory",
+        extra=("--split", "test"),
+    )
     task = vtab_folder(tmp_path / "c", "task", {"test": "images/0.jpg 0\nimages/link.jpg 1\n"})
     (task / "images" / "link.jpg").symlink_to(tmp_path / "outside.jpg")
-    refused(capsys, task, tmp_path / "c_out", f"{task / 'test.txt'}:2:", "resolves to", extra=("--split", "test"))
+    refused(
+        capsys, task, tmp_path / "c_out", f"{task / 'test.txt'}:2:", "resolves to", extra=("--split", "test")
+    )
 
 
 # ---- CIFAR -------------------------------------------------------------------------------------------------
@@ -191,8 +206,11 @@ def cifar10(root: Path, labels: list, **extra) -> Path:
 
 @pytest.mark.parametrize(
     "labels, needle",
-    [([0, 10], "labels of image 1 is 10, not a class id in [0, 10)"), ([0, -1], "labels of image 1 is -1"),
-     ([0], "is not a list of 2 labels")],
+    [
+        ([0, 10], "labels of image 1 is 10, not a class id in [0, 10)"),
+        ([0, -1], "labels of image 1 is -1"),
+        ([0], "is not a list of 2 labels"),
+    ],
 )
 def test_cifar_labels_are_checked_against_the_class_count(capsys, tmp_path, labels, needle):
     src = tmp_path / "cifar"
@@ -209,7 +227,9 @@ def test_cifar_labels_are_checked_against_the_class_count(capsys, tmp_path, labe
 # ---- shards verify -----------------------------------------------------------------------------------------
 
 
-def shard_set(d: Path, members: list[tuple[str, bytes, str, bytes]], *, labels: str, num_classes: int) -> Path:
+def shard_set(
+    d: Path, members: list[tuple[str, bytes, str, bytes]], *, labels: str, num_classes: int
+) -> Path:
     """A shard directory written byte by byte (as another tool, or a tampered copy, would): samples of
     (key, image, label member name, label bytes), and an index.json that describes the shard."""
     import hashlib
@@ -217,13 +237,22 @@ def shard_set(d: Path, members: list[tuple[str, bytes, str, bytes]], *, labels: 
     from vit_scale.data.tar import TAR_END, member_bytes
 
     d.mkdir(parents=True)
-    data = b"".join(
-        member_bytes(f"{k}.jpg", image) + member_bytes(f"{k}.{kind}", text) + member_bytes(f"{k}.json", b"{}")
-        for k, image, kind, text in members
-    ) + TAR_END
+    data = (
+        b"".join(
+            member_bytes(f"{k}.jpg", image)
+            + member_bytes(f"{k}.{kind}", text)
+            + member_bytes(f"{k}.json", b"{}")
+            for k, image, kind, text in members
+        )
+        + TAR_END
+    )
     (d / "shard-000000.tar").write_bytes(data)
-    entry = {"name": "shard-000000.tar", "samples": len(members), "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest()}
+    entry = {
+        "name": "shard-000000.tar",
+        "samples": len(members),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     classes = [f"c{i}" for i in range(num_classes)]
     atomic_write_json(d / "index.json", make_index([entry], classes=classes, skipped=[], labels=labels))
     return d
@@ -245,7 +274,9 @@ def verify(capsys, d: Path) -> tuple[int, str]:
 )
 def test_shards_verify_checks_every_label_against_the_index(capsys, tmp_path, label_kind, text, problem):
     good = [(f"s{i}", jpeg_bytes(i), "cls", str(i).encode()) for i in range(3)]
-    d = shard_set(tmp_path / "bad", [*good, ("s9", jpeg_bytes(9), label_kind, text)], labels="cls", num_classes=5)
+    d = shard_set(
+        tmp_path / "bad", [*good, ("s9", jpeg_bytes(9), label_kind, text)], labels="cls", num_classes=5
+    )
     rc, out = verify(capsys, d)
     assert rc == 1 and problem in out and "(first: s9)" in out, out
     d = shard_set(tmp_path / "good", good, labels="cls", num_classes=5)
@@ -272,8 +303,12 @@ def test_image_folder_lists_links_fifos_and_devices_as_skipped(capsys, tmp_path)
     os.mkfifo(root / "dog" / "pipe.jpg")  # reading it would wait for a writer for ever
     (root / "bird").symlink_to(tmp_path, target_is_directory=True)
     expected = {
-        "outside.jpg": "symbolic link (to", "inside.jpg": "symbolic link (to", "hard.jpg": "hard link (one of 2",
-        "img_001.jpg": "hard link (one of 2", "pipe.jpg": "FIFO (not a regular file)", "bird": "symbolic link (to",
+        "outside.jpg": "symbolic link (to",
+        "inside.jpg": "symbolic link (to",
+        "hard.jpg": "hard link (one of 2",
+        "img_001.jpg": "hard link (one of 2",
+        "pipe.jpg": "FIFO (not a regular file)",
+        "bird": "symbolic link (to",
     }
     try:
         os.mknod(root / "dog" / "null.jpg", 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 3))
@@ -337,7 +372,9 @@ def test_shards_verify_lists_link_members(capsys, tmp_path):
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
         t.addfile(info)
     rc, out = verify(capsys, d)
-    assert rc == 1 and "1 members skipped, not regular files: b.jpg (symbolic link to /etc/shadow)" in out, out
+    assert rc == 1 and "1 members skipped, not regular files: b.jpg (symbolic link to /etc/shadow)" in out, (
+        out
+    )
 
 
 # ---- keys ----------------------------------------------------------------------------------------------------
@@ -346,7 +383,16 @@ def test_shards_verify_lists_link_members(capsys, tmp_path):
 def test_names_that_map_to_one_key_all_become_samples_and_non_ascii_names_are_kept(capsys, tmp_path):
     root = tmp_path / "src"
     (root / "猫").mkdir(parents=True)
-    names = ["a b.jpg", "a_b.jpg", "a.b.jpg", "写真 1.jpg", "写真_1.jpg", "🐱.jpg", "🐶.jpg", "x" * 200 + ".jpg"]
+    names = [
+        "a b.jpg",
+        "a_b.jpg",
+        "a.b.jpg",
+        "写真 1.jpg",
+        "写真_1.jpg",
+        "🐱.jpg",
+        "🐶.jpg",
+        "x" * 200 + ".jpg",
+    ]
     for i, name in enumerate(names):
         (root / "猫" / name).write_bytes(jpeg_bytes(i))
     rc, err = build(capsys, root, tmp_path / "out")

@@ -217,7 +217,13 @@ def cmd_synth(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "merge-index": cmd_merge, "verify": cmd_verify, "stats": cmd_stats, "synth": cmd_synth}
+COMMANDS = {
+    "build": cmd_build,
+    "merge-index": cmd_merge,
+    "verify": cmd_verify,
+    "stats": cmd_stats,
+    "synth": cmd_synth,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -51,7 +51,11 @@ VTAB_NUM_CLASSES = {
     "smallnorb_azi": 18,
     "smallnorb_ele": 9,
 }
-VTAB_ALIASES = {"smallnorb_elev": "smallnorb_ele", "oxford_pet": "oxford_iiit_pet", "flowers102": "oxford_flowers102"}
+VTAB_ALIASES = {
+    "smallnorb_elev": "smallnorb_ele",
+    "oxford_pet": "oxford_iiit_pet",
+    "flowers102": "oxford_flowers102",
+}
 # Beyond any real corpus (ImageNet-21k has 21,843 classes): a larger id is a typo or a hostile list, and
 # the class table it implies would not fit in memory.
 MAX_CLASSES = 10**6
@@ -201,7 +205,11 @@ def _tree(root: Path, follow_links: bool) -> list[Path]:
                 dirnames[:] = []
                 continue
             seen.add(real)
-        out += [Path(dirpath, d) for d in dirnames if not follow_links and os.path.islink(os.path.join(dirpath, d))]
+        out += [
+            Path(dirpath, d)
+            for d in dirnames
+            if not follow_links and os.path.islink(os.path.join(dirpath, d))
+        ]
         out += [Path(dirpath, f) for f in filenames]
     return sorted(out)
 
@@ -217,7 +225,12 @@ def image_folder(root: Path, split: str = "", *, follow_links: bool = False) -> 
         if p.name.startswith(".") or not p.is_dir():
             continue
         if p.is_symlink() and not follow_links:
-            unusable.append({"source": p.name, "reason": f"symbolic link (to {os.readlink(p)}; not followed, {FOLLOW_HINT})"})
+            unusable.append(
+                {
+                    "source": p.name,
+                    "reason": f"symbolic link (to {os.readlink(p)}; not followed, {FOLLOW_HINT})",
+                }
+            )
         else:
             class_dirs.append(p)
     if not class_dirs:
@@ -278,7 +291,9 @@ def in21k(src: Path, split: str = "", *, follow_links: bool = False) -> Corpus:
                 unusable.append({"source": f"{wnid}.tar", "reason": f"unreadable synset tar ({e})"})
                 empty.append(wnid)
                 continue
-            unusable += [{"source": f"{wnid}/{u['source']}", "reason": u["reason"]} for u in tars.synset_skipped]
+            unusable += [
+                {"source": f"{wnid}/{u['source']}", "reason": u["reason"]} for u in tars.synset_skipped
+            ]
             names = [m for m in members if Path(m).suffix.lower() in IMAGE_SUFFIXES]
             unusable += [
                 {"source": f"{wnid}/{m}", "reason": f"not an image file ({Path(m).suffix or 'no suffix'})"}
@@ -355,9 +370,13 @@ def _regular_members(tar: tarfile.TarFile) -> tuple[dict[str, tarfile.TarInfo], 
         if m.isfile():
             members[m.name] = m
         elif m.issym():
-            skipped.append({"source": m.name, "reason": f"symbolic link member (to {m.linkname}; not a regular file)"})
+            skipped.append(
+                {"source": m.name, "reason": f"symbolic link member (to {m.linkname}; not a regular file)"}
+            )
         elif m.islnk():
-            skipped.append({"source": m.name, "reason": f"hard link member (to {m.linkname}; not a regular file)"})
+            skipped.append(
+                {"source": m.name, "reason": f"hard link member (to {m.linkname}; not a regular file)"}
+            )
         elif not m.isdir():
             kind = "FIFO" if m.isfifo() else "device" if m.isdev() else f"type {m.type!r}"
             skipped.append({"source": m.name, "reason": f"{kind} member (not a regular file)"})
@@ -374,10 +393,14 @@ class _CifarUnpickler(pickle.Unpickler):
     latin-1 decoding protocol 2 uses for bytes) is refused before it runs, so a planted file cannot run code.
     """
 
-    _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy keeps it
+    # numpy's array rebuilders, wherever this numpy keeps them: protocols 2-4, and 5's buffer form
+    _RECONSTRUCT = np.zeros(0).__reduce__()[0]
+    _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # pickled by numpy 1 (the release itself)
         ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # pickled by numpy 2
+        ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+        ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
@@ -496,7 +519,9 @@ def _cifar_file(root: Path, path: Path, follow_links: bool) -> Path:
 def _cifar_names(path: Path, meta: dict, key: str) -> list[str]:
     names = meta.get(key)
     if not isinstance(names, list) or not names or not all(isinstance(n, bytes) for n in names):
-        raise UserError(f"{path}: {key} is missing or not a list of names; is this the official python release?")
+        raise UserError(
+            f"{path}: {key} is missing or not a list of names; is this the official python release?"
+        )
     return [n.decode("utf-8", "replace") for n in names]
 
 
@@ -522,7 +547,9 @@ def _cifar_batch(path: Path, d: dict, label_key: str, num_classes: int, coarse_n
         check(coarse, len(coarse_names), "coarse_labels")
     filenames = d.get("filenames")
     if filenames is not None and (
-        not isinstance(filenames, list) or len(filenames) != len(data) or not all(isinstance(n, bytes) for n in filenames)
+        not isinstance(filenames, list)
+        or len(filenames) != len(data)
+        or not all(isinstance(n, bytes) for n in filenames)
     ):
         raise UserError(f"{path}: `filenames` is not a list of {len(data)} names, one per image")
     images = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -594,7 +621,9 @@ def vtab(src: Path, split: str = "", *, follow_links: bool = False) -> Corpus:
         for n, _, lab in _read_list(path):
             cid = _class_id(lab, f"{path}:{n}")
             if bound is not None and cid >= bound:
-                raise UserError(f"{path}:{n}: label {cid} is not a class of VTAB-1k {task}, which has {bound}")
+                raise UserError(
+                    f"{path}:{n}: label {cid} is not a class of VTAB-1k {task}, which has {bound}"
+                )
             all_labels.add(cid)
     items, unusable = [], []
     for n, rel, lab in _read_list(lst):

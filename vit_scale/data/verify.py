@@ -28,7 +28,9 @@ def label_problem(sample: dict, kind: str, num_classes: int | None) -> str:
     return ""
 
 
-def verify_shard(path: Path, entry: dict, *, labels: str = "cls", num_classes: int | None = None) -> list[str]:
+def verify_shard(
+    path: Path, entry: dict, *, labels: str = "cls", num_classes: int | None = None
+) -> list[str]:
     """Problems with one shard: size, sha256, sample count, every image decoding, every label of the
     kind the index declares (`labels`) and within [0, num_classes), and no link, device or FIFO member."""
     if not path.exists():
