@@ -31,10 +31,12 @@ def main(argv: list[str]) -> int:
     cfg.run.dir = str(run_dir)
 
     def body(batch: Batch) -> int:
-        from vit_scale.train.loop import train  # DeepSpeed loads here, after the checks and the lock
+        # DeepSpeed loads here, after the checks and the lock: a refused run fails at once.
+        from vit_scale.evaluate.hooks import training_hooks
+        from vit_scale.train.loop import train
 
         on_rank0(save_config, cfg, run_dir / "config.yaml")
-        train(cfg, run_dir)
+        train(cfg, run_dir, batch, hooks=training_hooks(cfg))
         return 0
 
     return run_ranks("pretrain", args, argv, lambda world: validate(cfg, world), body, run_dir)
