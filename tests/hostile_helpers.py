@@ -33,8 +33,19 @@ def cli(
     )
 
 
+_PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")  # Python's `warnings`: this line, then the source line
+
+
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip() and not _LIBRARY_LOG.match(line)]
+    out, after_warning = [], False
+    for line in stderr.splitlines():
+        if after_warning and line.startswith("  "):
+            after_warning = False
+            continue
+        after_warning = bool(_PY_WARNING.match(line))
+        if line.strip() and not after_warning and not _LIBRARY_LOG.match(line):
+            out.append(line)
+    return out
 
 
 def assert_refused(proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:

@@ -94,15 +94,26 @@ def test_a_second_pretrain_on_a_live_runs_directory_fails_at_once_naming_it(tmp_
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline and first.poll() is None:
+        while (
+            not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline and first.poll() is None
+        ):
             time.sleep(0.2)
         assert first.poll() is None, first.stderr.read()[-3000:]
         before = (run_dir / "metrics.jsonl").stat().st_size
         config = (run_dir / "config.yaml").read_bytes()
         for nproc in ((), ("--nproc", "2")):
-            proc = cli("pretrain", TINY, f"data.train={shards}", "train.steps=7", "--run-dir", run_dir, *nproc)
-            line = assert_refused(proc, "pretrain", f"{run_dir} is in use by another run", f"pid {first.pid}",
-                                  socket.gethostname(), "SLURM job 31337", "since 20")
+            proc = cli(
+                "pretrain", TINY, f"data.train={shards}", "train.steps=7", "--run-dir", run_dir, *nproc
+            )
+            line = assert_refused(
+                proc,
+                "pretrain",
+                f"{run_dir} is in use by another run",
+                f"pid {first.pid}",
+                socket.gethostname(),
+                "SLURM job 31337",
+                "since 20",
+            )
             assert "delete" in line and LOCK_NAME in line
         # Refused before any work: the live run's files are its own, and it is still training.
         assert first.poll() is None, "the refused run disturbed the live one"
@@ -139,16 +150,30 @@ def test_vtab_refuses_a_task_directory_in_use(tmp_path, shards):
     from timm.models.vision_transformer import VisionTransformer
 
     weights = tmp_path / "w.pth"
-    torch.save(VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3).state_dict(),
-               weights)
+    torch.save(
+        VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3).state_dict(),
+        weights,
+    )
     data = tmp_path / "vtab"
     for split in ("train800val200", "test"):
         (data / "svhn" / split).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(shards, data / "svhn" / split)
     holder = hold(tmp_path / "runs" / "svhn")
     try:
-        proc = cli("vtab", weights, "--data", data, "--tasks", "svhn", "train.steps=1", "--run-dir", tmp_path / "runs")
-        assert_refused(proc, "vtab", f"{tmp_path / 'runs' / 'svhn'} is in use by another run", f"pid {holder.pid}")
+        proc = cli(
+            "vtab",
+            weights,
+            "--data",
+            data,
+            "--tasks",
+            "svhn",
+            "train.steps=1",
+            "--run-dir",
+            tmp_path / "runs",
+        )
+        assert_refused(
+            proc, "vtab", f"{tmp_path / 'runs' / 'svhn'} is in use by another run", f"pid {holder.pid}"
+        )
     finally:
         end(holder)
 
@@ -164,8 +189,9 @@ def test_a_stale_lock_of_another_host_is_taken_over_by_pretrain_with_a_note(tmp_
     assert_refused(proc, "pretrain", "alice@node-17 pid 99, SLURM job 8001")
 
     env = squeue_stub(tmp_path, "gone")
-    proc = pretrain(run_dir, shards, "train.steps=1", "checkpoint.every_steps=0", "data.workers=0", nproc=0,
-                    extra_env=env)
+    proc = pretrain(
+        run_dir, shards, "train.steps=1", "checkpoint.every_steps=0", "data.workers=0", nproc=0, extra_env=env
+    )
     assert proc.returncode == 0, tail(proc)
     assert f"took over the lock of {run_dir} from alice@node-17 pid 99, SLURM job 8001" in proc.stderr
     assert "SLURM job 8001 has ended" in proc.stderr

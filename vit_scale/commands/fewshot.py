@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vit_scale.errors import UserError
 from vit_scale.evaluate.fewshot import fewshot_run
+from vit_scale.io import writable_dir
 from vit_scale.observe.results import RESULTS, weights_label
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
 
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
-    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}")
+    run_dir = writable_dir(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}", "--run-dir")
     results = fewshot_run(
         args.weights, args.train, args.test, run_dir,
         shots=args.shots, seeds=args.seeds, l2=args.l2, img_size=args.img_size, batch_size=args.batch_size,

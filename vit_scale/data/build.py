@@ -20,6 +20,7 @@ from PIL import Image
 from vit_scale.data.shards import INDEX_NAME, PROGRESS_NAME, ShardWriter
 from vit_scale.data.sources import load_corpus, read_items, select
 from vit_scale.errors import UserError
+from vit_scale.io import writable_dir
 
 JPEG_QUALITY = 90
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -107,6 +108,7 @@ def build(
         raise UserError(f"--array-index {part} must be in 0..{parts - 1} for --array-count {parts}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    writable_dir(out, "--out")  # listing a large corpus takes minutes: refuse an unwritable --out first
     corpus = load_corpus(source, fmt, split, multi_label=multi_label, follow_links=follow_links)
     options = {
         "source": str(Path(source).resolve()),
