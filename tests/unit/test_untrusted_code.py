@@ -228,6 +228,17 @@ def test_every_weight_reader_refuses_a_model_file_that_runs_code(hostile_copy, t
         assert changed == [], f"{command} wrote {changed}"
 
 
+def test_a_torch_state_dict_that_runs_code_is_refused(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    marker = tmp_path / "MARKER"
+    sd = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3).state_dict()
+    torch.save({"state_dict": sd, "epoch": Payload(marker)}, tmp_path / "timm.pth")
+    proc = cli("inspect", tmp_path / "timm.pth", "--out", tmp_path / "pictures")
+    assert_refused(proc, "inspect", f"{tmp_path / 'timm.pth'}: refused to load", "posix.system")
+    assert not marker.exists()
+
+
 def test_a_zero_optimizer_shard_that_runs_code_is_refused(hostile_copy, tmp_path):
     copy, planted, marker = hostile_copy("zero_pp_rank_0_mp_rank_00_optim_states.pt")
     proc = cli("export", copy, "--out", tmp_path / "export")

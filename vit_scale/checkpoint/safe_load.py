@@ -51,9 +51,9 @@ class UnsafeCheckpointError(UserError):
     """A checkpoint file that asks to run code, or that is not a readable torch file."""
 
 
-def load(path: str | Path, *, mmap: bool = False):
+def load(path: str | Path, *, mmap: bool = False, what: str = "checkpoint file"):
     """`torch.load` of `path` on the CPU that runs no code from the file; a file that needs more than the
-    allowlist, or is damaged, is an UnsafeCheckpointError naming it."""
+    allowlist, or is damaged (not a readable `what`), is an UnsafeCheckpointError naming it."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(ALLOWED):
@@ -64,11 +64,11 @@ def load(path: str | Path, *, mmap: bool = False):
         text = str(e)
         if "Weights only load failed" in text or "Unsupported global" in text:
             asked = re.search(r"GLOBAL ([\w.]+)|got <class '([^']+)'>|function (\S+)", text)
-            what = next((g for g in asked.groups() if g), "code") if asked else "code"
+            asked_for = next((g for g in asked.groups() if g), "code") if asked else "code"
             raise UnsafeCheckpointError(
-                f"{path}: refused to load: its pickle asks for {what}, but checkpoint files hold only tensors "
+                f"{path}: refused to load: its pickle asks for {asked_for}, but weights files hold only tensors "
                 "and plain values; the file was altered or comes from elsewhere: do not use it"
             ) from None
         raise UnsafeCheckpointError(
-            f"{path} is not a readable checkpoint file ({type(e).__name__}: {' '.join(text.split())[:200]})"
+            f"{path} is not a readable {what} ({type(e).__name__}: {' '.join(text.split())[:200]})"
         ) from None
