@@ -110,7 +110,11 @@ def prepare(offload_optimizer: bool) -> None:
     builder per node (local rank 0; the node's other ranks wait for the op to appear)."""
     extensions_dir()
     timeout = lock_timeout()
-    names = ["deepspeed_shm_comm"] + (["cpu_adam"] if offload_optimizer else [])
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed loads its shared-memory collective only on the CPU accelerator, CPU Adam only for offload.
+    names = ["deepspeed_shm_comm"] if get_accelerator().device_name() == "cpu" else []
+    names += ["cpu_adam"] if offload_optimizer else []
     for name, _ in _builders(names):
         if not _built(name) and int(os.environ.get("LOCAL_RANK", "0")) != 0:
             _wait_for_build(name, timeout)
