@@ -441,13 +441,14 @@ def _unpickle(path: Path) -> dict:
             "and numpy arrays, so this one is not from the official release and may be hostile"
         ) from None
     except Exception as e:  # truncated or foreign files: say which one
-        raise UserError(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {e})") from None
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {detail})") from None
     if not isinstance(d, dict) or not _plain(d):
         raise UserError(
             f"{path} is not a CIFAR python pickle: it holds values other than dicts, lists, str, bytes, ints "
             "and numeric numpy arrays"
         )
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def cifar(src: Path, split: str = "", *, follow_links: bool = False) -> Corpus:
