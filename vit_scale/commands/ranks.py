@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from launch import env, local
 from vit_scale.checkpoint.lock import RunLock
+from vit_scale.commands.args import at_least
 from vit_scale.dist import is_rank0, on_rank0
 from vit_scale.errors import UserError
 from vit_scale.train.preempt import REQUEUE_EXIT_CODE, Preempted
@@ -25,9 +26,9 @@ LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, help="start this many local processes (not under torchrun / srun)")
+    parser.add_argument("--nproc", type=at_least(1), help="start this many local processes (not under torchrun / srun)")
     parser.add_argument(
-        "--max-restarts", type=int, default=3, help="with --nproc: restarts of a group whose rank crashed"
+        "--max-restarts", type=at_least(0), default=3, help="with --nproc: restarts of a group whose rank crashed"
     )
 
 
@@ -77,8 +78,6 @@ def run_ranks(
     ARGV` (restarted after a crash up to --max-restarts times). Otherwise this process is one rank:
     `body(check(world_size))`, with rank 0 holding `run_dir`'s writer lock when one is given."""
     if args.nproc is not None and not env.under_launcher():
-        if args.nproc < 1:
-            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
         check(args.nproc)  # refuse before any process starts
         if run_dir is not None:
             run_lock(run_dir).check_free()
