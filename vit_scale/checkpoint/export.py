@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from vit_scale.checkpoint import commit
+from vit_scale.checkpoint.zero import consolidated_state_dict
 from vit_scale.config import Config, from_dict
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_bytes, atomic_write_json
@@ -21,7 +22,8 @@ TIMM_SIZE_NAMES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "
 
 def load_consolidated_state_dict(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     """fp32 weights of a committed checkpoint (a run directory's newest, or the one named), with timm's
-    parameter names, and the config it was trained with. Works for every ZeRO stage, on one process."""
+    parameter names, and the config it was trained with. Works for every ZeRO stage, on one process, and
+    runs no code from the checkpoint's pickles (`checkpoint.zero`)."""
     chosen = commit.select(Path(ckpt_path))
     if chosen.path is None:
         notes = "; ".join(chosen.notes)
@@ -29,14 +31,7 @@ def load_consolidated_state_dict(ckpt_path: str | Path) -> tuple[dict[str, torch
     ckpt = chosen.path
     manifest = commit.read_manifest(ckpt)
     cfg = from_dict(manifest["config"])
-    if manifest["zero_stage"] == 0:
-        # Stage 0 keeps the whole module in the model-states file (fp32 unless trained in 16 bits).
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        sd = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    sd = consolidated_state_dict(ckpt, manifest["zero_stage"])
     return {k.removeprefix("module."): v.detach().float().contiguous() for k, v in sd.items()}, cfg
 
 

@@ -9,6 +9,7 @@ from vit_scale.config.schema import DataConfig
 from vit_scale.dist import device as rank_device
 from vit_scale.errors import UserError
 from vit_scale.evaluate.classify import evaluate
+from vit_scale.io import writable_dir
 
 
 def main(argv: list[str]) -> int:
@@ -40,6 +41,10 @@ def main(argv: list[str]) -> int:
     from vit_scale.models import set_resolution
     from vit_scale.observe.results import weights_label, write_results
 
+    label = weights_label(args.weights)
+    run_dir = writable_dir(
+        args.run_dir or Path("runs") / f"eval_{label}", "--run-dir"
+    )  # before minutes of work
     pre = load_pretrained(args.weights)
     if not pre.model.num_classes:
         raise UserError(
@@ -66,9 +71,7 @@ def main(argv: list[str]) -> int:
             progress=True,
         )
     name = dataset_name(args.data)
-    label = weights_label(args.weights)
     metric = "prec1" if "prec1" in metrics else "top1"
-    run_dir = Path(args.run_dir or Path("runs") / f"eval_{label}")
     path = write_results(
         run_dir,
         {

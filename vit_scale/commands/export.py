@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vit_scale.checkpoint.export import export
 from vit_scale.commands.args import Parser
+from vit_scale.io import writable_dir
 
 
 def main(argv: list[str]) -> int:
@@ -17,6 +18,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = p.parse_args(argv)
-    out = export(args.ckpt, args.out, args.dtype)
+    out = export(args.ckpt, writable_dir(args.out, "--out"), args.dtype)
     print(f"vit-scale export: wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0

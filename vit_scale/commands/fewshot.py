@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vit_scale.commands.args import Parser, at_least, int_list, memory_for, positive_float
 from vit_scale.evaluate.fewshot import fewshot_run
+from vit_scale.io import writable_dir
 from vit_scale.observe.results import RESULTS, weights_label
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}")
+    run_dir = writable_dir(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}", "--run-dir")
     with memory_for(f"--img-size {args.img_size or 'of the weights'} and --batch-size {args.batch_size}"):
         results = fewshot_run(
             args.weights, args.train, args.test, run_dir,

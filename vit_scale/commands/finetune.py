@@ -40,4 +40,4 @@ def main(argv: list[str]) -> int:
             print(f"{name}: {results['metric']} {100 * primary_metric(scores):.2f}%; wrote {run_dir / RESULTS}")
         return 0
 
-    return run_ranks("finetune", args, argv, lambda world: validate(cfg, world, "finetune"), body)
+    return run_ranks("finetune", args, argv, lambda world: validate(cfg, world, "finetune"), body, run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vit_scale.commands.args import Parser
+from vit_scale.io import writable_dir
 from vit_scale.observe import inspect as pictures
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     weights = Path(args.weights)
     out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "inspect"
+    writable_dir(out, "--out")
     written, _ = pictures.inspect(args.weights, out, args.images)
     print(f"wrote {', '.join(str(w) for w in written.values())}")
     if not args.images:

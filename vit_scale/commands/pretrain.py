@@ -26,17 +26,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from vit_scale.evaluate.hooks import training_hooks
-    from vit_scale.train.loop import train
-
     args = parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or cfg.run.dir)
     cfg.run.dir = str(run_dir)
 
     def body(batch: Batch) -> int:
+        # DeepSpeed loads here, after the checks and the lock: a refused run fails at once.
+        from vit_scale.evaluate.hooks import training_hooks
+        from vit_scale.train.loop import train
+
         on_rank0(save_config, cfg, run_dir / "config.yaml")
         train(cfg, run_dir, batch, hooks=training_hooks(cfg))
         return 0
 
-    return run_ranks("pretrain", args, argv, lambda world: validate(cfg, world), body)
+    return run_ranks("pretrain", args, argv, lambda world: validate(cfg, world), body, run_dir)

@@ -17,7 +17,7 @@ USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,synth} ...
 
   build SOURCE --out DIR     write WebDataset tar shards and DIR/index.json from an image corpus
   merge-index DIR            join the indexes of a SLURM array build (DIR/part-*/index.json)
-  verify DIR                 re-read every shard: counts, sha256, every image decodes
+  verify DIR                 re-read every shard: counts, sha256, every image decodes, every label in range
   stats DIR                  counts per class, image sizes, bytes
   synth ...                  embedded synthetic corpora (fractals, digits)
 """
@@ -48,6 +48,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="rebuild instead of resuming or keeping a complete build"
     )
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="CSV lists: every label is a set of classes (`3;17`), and an empty label means no class",
+    )
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read symbolic and hard links, and list entries outside the source folder (skipped or refused "
+        "by default: a corpus from someone else could point at your files)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -69,6 +80,8 @@ def cmd_build(argv: list[str]) -> int:
         parts=a.array_count,
         force=a.force,
         progress=not a.no_progress,
+        multi_label=a.multi_label,
+        follow_links=a.follow_links,
     )
     reasons = Counter(s["reason"].split(" (")[0] for s in index["skipped"])
     print(
@@ -103,11 +116,18 @@ def cmd_verify(argv: list[str]) -> int:
     a = p.parse_args(argv)
     directory = Path(a.dir)
     index = read_index(directory)
-    console = Console(highlight=False, markup=False)  # shard names and problems quote files as they are
+    kind, num_classes = index.get("labels", "cls"), index.get("num_classes")
+    if kind not in ("cls", "labels") or not isinstance(num_classes, int) or num_classes < 0:
+        raise UserError(
+            f"{directory / INDEX_NAME} declares labels={kind!r} and num_classes={num_classes!r}; "
+            "expected labels 'cls' or 'labels' and a class count: rebuild the shards"
+        )
+    # Shard names and problems quote files as they are; one line per shard, whatever the terminal's width.
+    console = Console(highlight=False, markup=False, soft_wrap=True)
     failed = 0
     rows = []
     for entry in track(index["shards"], description="verifying", console=console, transient=True):
-        problems = verify_shard(directory / entry["name"], entry)
+        problems = verify_shard(directory / entry["name"], entry, labels=kind, num_classes=num_classes)
         failed += bool(problems)
         rows.append((entry["name"], entry["samples"], "; ".join(problems) or "ok"))
     for name, n, status in rows:
@@ -116,7 +136,9 @@ def cmd_verify(argv: list[str]) -> int:
     if failed:
         console.print(f"FAILED: {failed} of {len(rows)} shards do not match {INDEX_NAME}")
         return 1
-    console.print(f"ok: {len(rows)} shards, {total} samples, every image decodes")
+    console.print(
+        f"ok: {len(rows)} shards, {total} samples, every image decodes, every label a {kind} label in [0, {num_classes})"
+    )
     return 0
 
 
@@ -197,7 +219,13 @@ def cmd_synth(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "merge-index": cmd_merge, "verify": cmd_verify, "stats": cmd_stats, "synth": cmd_synth}
+COMMANDS = {
+    "build": cmd_build,
+    "merge-index": cmd_merge,
+    "verify": cmd_verify,
+    "stats": cmd_stats,
+    "synth": cmd_synth,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from PIL import Image
 from vit_scale.data.shards import INDEX_NAME, PROGRESS_NAME, ShardWriter
 from vit_scale.data.sources import load_corpus, read_items, select
 from vit_scale.errors import UserError
+from vit_scale.io import writable_dir
 
 JPEG_QUALITY = 90
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -96,13 +97,19 @@ def build(
     parts: int = 1,
     force: bool = False,
     progress: bool = True,
+    multi_label: bool = False,
+    follow_links: bool = False,
 ) -> dict:
-    """Build shards; returns the index. A complete build with the same options is left as it is."""
+    """Build shards; returns the index. A complete build with the same options is left as it is.
+
+    `multi_label` declares a CSV list multi-label (an empty label is then an image of no class);
+    `follow_links` reads links and list entries that lead outside the source (see `sources.load_corpus`)."""
     if parts < 1 or not 0 <= part < parts:
         raise UserError(f"--array-index {part} must be in 0..{parts - 1} for --array-count {parts}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    corpus = load_corpus(source, fmt, split)
+    writable_dir(out, "--out")  # listing a large corpus takes minutes: refuse an unwritable --out first
+    corpus = load_corpus(source, fmt, split, multi_label=multi_label, follow_links=follow_links)
     options = {
         "source": str(Path(source).resolve()),
         "format": corpus.format,
@@ -112,6 +119,8 @@ def build(
         "val_holdout": holdout,
         "array_index": part,
         "array_count": parts,
+        "multi_label": multi_label,
+        "follow_links": follow_links,
     }
     out_dir = Path(out)
     if parts > 1:

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vit_scale.config import Batch, Config, ConfigError
 from vit_scale.dist import device, free_port, is_multi_rank
+from vit_scale.train import ops
 
 
 def backend_name(cfg: Config) -> str:
@@ -38,6 +39,7 @@ def init_distributed(cfg: Config) -> None:
 
     if dist.is_initialized():
         return
+    ops.prepare(cfg.parallel.offload_optimizer)  # DeepSpeed builds or loads its ops in init_distributed
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     os.environ.setdefault("RANK", "0")
