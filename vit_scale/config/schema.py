@@ -38,9 +38,15 @@ class DataConfig:
     workers: int = 4  # DataLoader workers per rank
     shuffle_buffer: int = 2000
     labels: Literal["int", "multi"] = "int"  # int: softmax; multi: multi-hot, sigmoid
-    augment: Literal["inception", "center"] = "inception"  # RandomResizedCrop + flip, or resize + centre crop
+    # Training input. inception: a random crop (area crop_area_min..1, aspect 3/4..4/3) resized to S x S, then
+    # the flip (the paper's fine-tuning pipeline); resize: the whole image resized to S x S, nothing random
+    # (the VTAB protocol); center: the shorter side resized to S, then the central S x S crop.
+    augment: Literal["inception", "resize", "center"] = "inception"
     crop_area_min: float = 0.05
-    hflip: bool = True
+    hflip: bool = True  # with augment=inception: mirror half the crops
+    # Evaluation input. none: the whole image resized to S x S (the paper's pipeline); center: the shorter
+    # side resized to S, then the central S x S crop.
+    eval_crop: Literal["none", "center"] = "none"
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
     mixup: float = 0.0
     cutmix: float = 0.0

@@ -179,8 +179,10 @@ def make_loader(
         raise UserError(f"data.mode={data.mode!r}; use 'exact' or 'resampled'")
     if data.labels not in ("int", "multi"):
         raise UserError(f"data.labels={data.labels!r}; use 'int' or 'multi'")
-    if data.augment not in ("inception", "center"):
-        raise UserError(f"data.augment={data.augment!r}; use 'inception' or 'center'")
+    if data.augment not in ("inception", "resize", "center"):
+        raise UserError(f"data.augment={data.augment!r}; use 'inception', 'resize' or 'center'")
+    if data.eval_crop not in ("none", "center"):
+        raise UserError(f"data.eval_crop={data.eval_crop!r}; use 'none' or 'center'")
     if not 0 < data.crop_area_min <= 1:
         raise UserError(f"data.crop_area_min={data.crop_area_min} must be in (0, 1]")
     if batch_size < 1:
