@@ -47,6 +47,9 @@ class DataConfig:
     # Evaluation input. none: the whole image resized to S x S (the paper's pipeline); center: the shorter
     # side resized to S, then the central S x S crop.
     eval_crop: Literal["none", "center"] = "none"
+    # A VTAB-1k task name: the augmentations that change its labels are refused (config/tasks.py). Shards
+    # built with `--format vtab` record their task in index.json, which validation reads as well.
+    task: str = ""
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
     mixup: float = 0.0
     cutmix: float = 0.0
