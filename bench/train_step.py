@@ -30,7 +30,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vit_scale.config import load_config  # noqa: E402
+from vit_scale.config import load_config, validate  # noqa: E402
 from vit_scale.data.transforms import to_model_input  # noqa: E402
 from vit_scale.dist import device  # noqa: E402
 from vit_scale.models import build_model, model_dims, train_flops  # noqa: E402
@@ -92,7 +92,7 @@ class Ours:
     def __init__(self, cfg, data):
         torch.manual_seed(0)
         self.engine, _, _ = build_engine(
-            cfg, build_model(cfg.model).to(device()), dist.get_world_size(), 10**6
+            cfg, build_model(cfg.model).to(device()), validate(cfg, dist.get_world_size()), 10**6
         )
         self.loss_fn = loss_function(cfg)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)

@@ -124,6 +124,11 @@ def test_override_needs_equals():
         (["data.train=a::b", "data.weights=[1.0]"], 1, "data.weights has 1 values but data.train names 2"),
         (["train.steps=10", "train.epochs=2"], 1, "give only one of train.steps, train.epochs, train.examples"),
         (["parallel.world_size=8"], 2, "parallel.world_size=8 but 2 processes were launched"),
+        (["eval.every_steps=100"], 1, "eval.every_steps=100 scores data.val; set data.val=SHARDS"),
+        (["data.cutmix=-1"], 1, "data.cutmix=-1.0 must be a finite number >= 0.0"),
+        (["data.mixup=0.8", "data.labels=multi"], 1, "data.mixup / data.cutmix mix single labels"),
+        (["data.cutmix=1", "optim.loss=sigmoid"], 1, "with data.labels=multi or optim.loss=sigmoid set both"),
+        (["data.mixup=0.8", "train.global_batch=6"], 2, "so it must be even, not 3 per rank"),
     ],
 )
 def test_impossible_combinations(overrides, world, message):

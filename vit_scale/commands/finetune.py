@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(args.run_dir or cfg.run.dir)
 
     def body(batch: Batch) -> int:
-        results = run_finetune(cfg, run_dir)
+        results = run_finetune(cfg, run_dir, batch)
         if is_rank0():
             (name, scores), *_ = results["datasets"].items()
             print(f"{name}: {results['metric']} {100 * primary_metric(scores):.2f}%; wrote {run_dir / RESULTS}")

@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from vit_scale.evaluate.hooks import training_hooks
     from vit_scale.train.loop import train
 
     args = parser().parse_intermixed_args(argv)
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
 
     def body(batch: Batch) -> int:
         on_rank0(save_config, cfg, run_dir / "config.yaml")
-        train(cfg, run_dir)
+        train(cfg, run_dir, batch, hooks=training_hooks(cfg))
         return 0
 
     return run_ranks("pretrain", args, argv, lambda world: validate(cfg, world), body)

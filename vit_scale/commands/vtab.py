@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from vit_scale.commands.ranks import add_launch_options, run_ranks
-from vit_scale.config import Config, load_config
+from vit_scale.config import Batch, Config, load_config
 from vit_scale.dist import is_rank0
 from vit_scale.errors import UserError
 from vit_scale.evaluate.vtab import check_tasks, collect, run_task, select_tasks, task_name
@@ -84,13 +84,13 @@ def main(argv: list[str]) -> int:
         args,
         argv,
         lambda world: check_tasks(cfg, root, tasks, args.sweep, world),
-        lambda _: _run_tasks(cfg, args, root, tasks, run_dir, label),
+        lambda batch: _run_tasks(cfg, args, root, tasks, run_dir, label, batch),
     )
 
 
-def _run_tasks(cfg: Config, args, root: str, tasks: list[str], run_dir: Path, label: str) -> int:
+def _run_tasks(cfg: Config, args, root: str, tasks: list[str], run_dir: Path, label: str, batch: Batch) -> int:
     if args.task:
-        res = run_task(cfg, root, args.task, run_dir, args.sweep, label)
+        res = run_task(cfg, root, args.task, run_dir, args.sweep, label, batch)
         _print_task(args.task, res)
         return 0
     if args.task_index is not None:
@@ -100,7 +100,7 @@ def _run_tasks(cfg: Config, args, root: str, tasks: list[str], run_dir: Path, la
             )
         tasks = [tasks[args.task_index]]
     for task in tasks:
-        res = run_task(cfg, root, task, run_dir / task, args.sweep, label)
+        res = run_task(cfg, root, task, run_dir / task, args.sweep, label, batch)
         _print_task(task, res)
     if args.task_index is None:
         results = collect(run_dir, label)

@@ -51,6 +51,8 @@ class DataConfig:
     # built with `--format vtab` record their task in index.json, which validation reads as well.
     task: str = ""
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
+    # timm's batch Mixup / CutMix in training (DeiT: 0.8 / 1.0): Beta alphas, 0 is off; with both on,
+    # each micro batch gets one of the two. Softmax loss on soft targets; optim.label_smoothing applies.
     mixup: float = 0.0
     cutmix: float = 0.0
     max_bad_fraction: float = 0.001  # stop when more than this fraction of a window of samples is corrupt
@@ -129,7 +131,7 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0: evaluate only at the end
+    every_steps: int = 0  # top-1/top-5 on data.val every N training steps, logged as val/...; 0: never
     batch_size: int = 256
     img_size: int | None = None  # defaults to model.img_size
     fewshot_every_steps: int = 0  # 0 disables few-shot evaluation during pretraining

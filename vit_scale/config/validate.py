@@ -106,6 +106,7 @@ RANGES: dict[str, tuple] = {
     "checkpoint.keep_every": (0, None, "off"),
     "logging.every_steps": (1, None),
     "logging.peak_tflops": ((0.0,), None),
+    "eval.every_steps": (0, None, "off"),
     "eval.batch_size": (1, None),
     "eval.img_size": (1, None),
     "eval.fewshot_every_steps": (0, None, "off"),
@@ -214,6 +215,8 @@ def _check_data(cfg: Config) -> None:
     lengths = [x for x in (t.steps, t.epochs, t.examples) if x is not None]
     if len(lengths) > 1:
         raise ConfigError("give only one of train.steps, train.epochs, train.examples")
+    if cfg.eval.every_steps > 0 and not cfg.data.val:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} scores data.val; set data.val=SHARDS")
 
 
 def _index(source: str) -> dict:
@@ -301,4 +304,22 @@ def validate(cfg: Config, world_size: int, kind: Kind = "pretrain") -> Batch:
     _check_augmentation(cfg)
     if kind == "finetune":
         _check_finetune(cfg)
-    return Batch(*resolve_batch(cfg.train, world_size), world_size=world_size)
+    batch = Batch(*resolve_batch(cfg.train, world_size), world_size=world_size)
+    _check_mixing(cfg, batch)
+    return batch
+
+
+def _check_mixing(cfg: Config, batch: Batch) -> None:
+    d = cfg.data
+    if not (d.mixup or d.cutmix):
+        return
+    if d.labels == "multi" or cfg.optim.loss == "sigmoid":
+        raise ConfigError(
+            "data.mixup / data.cutmix mix single labels for the softmax loss; with data.labels=multi or "
+            "optim.loss=sigmoid set both to 0"
+        )
+    if batch.micro_batch_per_rank % 2:
+        raise ConfigError(
+            f"data.mixup / data.cutmix pair the images of a micro batch, so it must be even, not "
+            f"{batch.micro_batch_per_rank} per rank; change train.micro_batch_per_rank or train.global_batch"
+        )

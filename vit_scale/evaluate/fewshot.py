@@ -6,8 +6,8 @@ weight. As in big_vision, features are standardised on the few-shot set and a co
 (large, so the bias is barely regularised) is appended.
 
 `vit-scale fewshot WEIGHTS --train SHARDS --test SHARDS [--shots 1,5,10,25] [--seeds 3]` evaluates
-weights from the command line; the training loop calls `fewshot_metrics` on all ranks every
-`eval.fewshot_every_steps` steps.
+weights from the command line; during training `fewshot_metrics` runs on all ranks every
+`eval.fewshot_every_steps` steps, as a hook of the loop (`vit_scale.evaluate.hooks`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from vit_scale.config import Config, ConfigError
+from vit_scale.config import Batch, Config, ConfigError
 from vit_scale.config.tasks import ALIASES, GROUPS
 from vit_scale.config.tasks import VTAB_TASKS as TASKS
 from vit_scale.dist import on_rank0
@@ -71,23 +71,26 @@ def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
     return cfg
 
 
-def check_tasks(base: Config, root: str, tasks: list[str], sweep: bool, world_size: int) -> None:
-    """The validation pass for every task's fine-tune config, before any task runs or is queued."""
+def check_tasks(base: Config, root: str, tasks: list[str], sweep: bool, world_size: int) -> Batch:
+    """The validation pass for every task's fine-tune config, before any task runs or is queued; the batch
+    split they share (the tasks differ in data and classes only)."""
     from vit_scale.config import validate
 
     if not root:
         raise ConfigError("name the VTAB-1k data: --data ROOT (or eval.vtab_data=ROOT)")
     if not base.init:
         raise ConfigError("name the pretrained weights: vit-scale vtab WEIGHTS ... (or init=WEIGHTS)")
-    for task in tasks:
-        validate(task_config(base, root, task, sweep), world_size, "finetune")
+    batches = {validate(task_config(base, root, task, sweep), world_size, "finetune") for task in tasks}
+    return batches.pop()
 
 
-def run_task(base: Config, root: str, task: str, run_dir: str | Path, sweep: bool, label: str) -> dict:
+def run_task(
+    base: Config, root: str, task: str, run_dir: str | Path, sweep: bool, label: str, batch: Batch
+) -> dict:
     from vit_scale.evaluate.finetune import run_finetune
 
     # The task's results row is named after ROOT/<task>/test, i.e. the task.
-    return run_finetune(task_config(base, root, task, sweep), run_dir, label=label)
+    return run_finetune(task_config(base, root, task, sweep), run_dir, batch, label=label)
 
 
 def summarise(per_task: dict[str, dict], label: str, metric: str = "top1") -> dict:
