@@ -70,6 +70,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     loss: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid when data.labels is "multi"
     label_smoothing: float = 0.0
+    # Polyak averaging of the parameters: after every applied step average = f * average + (1 - f) * params.
+    # 0 turns it off; the paper's ImageNet fine-tunes use 0.9999. Evaluation and export use the average.
+    ema_decay: float = 0.0
 
 
 @dataclass

@@ -87,6 +87,7 @@ RANGES: dict[str, tuple] = {
     "optim.weight_decay": (0.0, None),
     "optim.grad_clip": (0.0, None, "off"),
     "optim.label_smoothing": (0.0, (1.0,)),
+    "optim.ema_decay": (0.0, (1.0,), "off"),
     "schedule.warmup_steps": (0, None),
     "schedule.end_lr": (0.0, None),
     "train.steps": (1, None),
