@@ -10,7 +10,7 @@ import sys
 
 from vit_scale.errors import UserError
 
-# subcommand: (module with main(argv), one-line help)
+# subcommand: one-line help (its module is vit_scale.commands.<subcommand>)
 COMMANDS = {
     "models": "print the ViT variants table (layers, width, params, GFLOPs)",
     "shards": "build, merge, verify and inspect WebDataset tar shards",
@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "render plots and an HTML page from run directories",
     "inspect": "draw position-embedding and attention pictures",
     "demo": "the whole system on embedded data: pretrain, transfer, report",
+    "plan": "memory, speed and cost of a config on a GPU cluster, and the largest fit",
 }
 
 

@@ -119,6 +119,8 @@ def test_override_needs_equals():
          "parallel.offload_optimizer needs ZeRO stage 2 or 3, but parallel.zero_stage=1"),
         (["parallel.offload_params=true", "parallel.zero_stage=2"], 1,
          "parallel.offload_params needs ZeRO stage 3, but parallel.zero_stage=2"),
+        (["parallel.offload_optimizer=true", "parallel.zero_stage=2", "optim.name=sgd"], 1,
+         "parallel.offload_optimizer steps with DeepSpeed's CPU Adam only, but optim.name=sgd"),
         (["model.variant=vit_x16"], 1, "model.variant='vit_x16' is not a known variant"),
         (["eval.img_size=390"], 1, "eval.img_size=390 is not a multiple of the patch size 16"),
         (["data.train=a::b", "data.weights=[1.0]"], 1, "data.weights has 1 values but data.train names 2"),

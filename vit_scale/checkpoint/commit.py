@@ -309,6 +309,22 @@ def _universal_copy(ckpt: Path, scratch: Path) -> Path:
     return Path(box[0])
 
 
+def _other_model(ckpt: Path, e: RuntimeError) -> CheckpointError | None:
+    """What to tell the user when torch refused the weights of `ckpt` for this model (a run directory reused
+    with other model settings); None for any other failure."""
+    text = str(e)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                  r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    what = f"{m[1]} is {m[2]} there and {m[3]} now" if m else text.splitlines()[1].strip().rstrip(".")
+    return CheckpointError(
+        f"{ckpt} holds the weights of another model ({what}): resuming needs the model settings it was saved "
+        f"with (its {MANIFEST} lists them); to start afresh use another --run-dir, or fine-tune from it with "
+        f"init={ckpt}"
+    )
+
+
 def load(
     engine, ckpt: Path, *, load_optimizer: bool = True, scratch: Path | None = None
 ) -> tuple[dict, dict | None]:
@@ -323,12 +339,18 @@ def load(
     manifest = read_manifest(ckpt)
     saved, now = manifest["world_size"], world_size()
     if saved == now:
-        path, client = engine.load_checkpoint(
-            str(ckpt.parent),
-            tag=ckpt.name,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
-        )
+        try:
+            path, client = engine.load_checkpoint(
+                str(ckpt.parent),
+                tag=ckpt.name,
+                load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer,
+            )
+        except RuntimeError as e:
+            refused = _other_model(ckpt, e)
+            if refused is None:
+                raise
+            raise refused from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt}")
         own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)

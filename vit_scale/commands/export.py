@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
 from vit_scale.checkpoint.export import export
+from vit_scale.commands.args import Parser
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale export",
         description="Consolidate a checkpoint (any ZeRO stage) into a timm / Hugging Face Hub model folder.",
     )

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from vit_scale.commands.args import Parser
 from vit_scale.observe import inspect as pictures
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vit-scale inspect", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="vit-scale inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("weights", help="run or checkpoint directory, export folder, .safetensors, .pth or .npz")
     p.add_argument("--images", nargs="+", default=[], metavar="IMG", help="images for attention rollout")
     p.add_argument("--out", help="output directory (default: inspect/ beside the weights)")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vit_scale.commands.args import Parser
 from vit_scale.commands.ranks import add_launch_options, run_ranks
 from vit_scale.config import Batch, load_config, save_config, validate
 from vit_scale.dist import on_rank0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale pretrain",
         description="Pretrain a ViT with DeepSpeed ZeRO from shards. Resumes on its own from the run "
         "directory's last committed checkpoint. Exit 0: done; 1: a rank crashed; 2: bad config or input; "

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from launch import env, local
+from vit_scale.commands.args import at_least
 from vit_scale.dist import on_rank0
 from vit_scale.errors import UserError
 from vit_scale.train.preempt import REQUEUE_EXIT_CODE, Preempted
@@ -21,9 +22,9 @@ LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, help="start this many local processes (not under torchrun / srun)")
+    parser.add_argument("--nproc", type=at_least(1), help="start this many local processes (not under torchrun / srun)")
     parser.add_argument(
-        "--max-restarts", type=int, default=3, help="with --nproc: restarts of a group whose rank crashed"
+        "--max-restarts", type=at_least(0), default=3, help="with --nproc: restarts of a group whose rank crashed"
     )
 
 
@@ -59,8 +60,6 @@ def run_ranks(
     ARGV` (restarted after a crash up to --max-restarts times). Otherwise this process is one rank:
     `body(check(world_size))`."""
     if args.nproc is not None and not env.under_launcher():
-        if args.nproc < 1:
-            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
         check(args.nproc)  # refuse before any process starts
         return start_local(command, args.nproc, rank_argv(argv), max_restarts=args.max_restarts)
     checked = check(env.apply())

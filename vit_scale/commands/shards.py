@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from vit_scale.commands.args import Parser, at_least, between
 from vit_scale.data import synth
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
 from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
@@ -23,7 +24,7 @@ USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,synth} ...
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale shards build", description="Write tar shards from an image corpus."
     )
     p.add_argument(
@@ -40,16 +41,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the VTAB-1k task, recorded in index.json so that augmentations which change its labels are "
         "refused (default for --format vtab: the source folder's name when it names a task)",
     )
-    p.add_argument("--max-side", type=int, default=0, help="resize so the longer side is at most N (0: keep)")
-    p.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality when re-encoding")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--shard-bytes", type=int, default=None, help="also cap each shard's size in bytes")
-    p.add_argument("--workers", type=int, default=default_workers(), help="conversion processes")
+    p.add_argument("--max-side", type=at_least(0), default=0, help="resize so the longer side is at most N (0: keep)")
+    p.add_argument("--quality", type=between(1, 100), default=JPEG_QUALITY, help="JPEG quality when re-encoding")
+    p.add_argument("--shard-size", type=at_least(1), default=1000, help="samples per shard")
+    p.add_argument("--shard-bytes", type=at_least(1), default=None, help="also cap each shard's size in bytes")
+    p.add_argument("--workers", type=at_least(1), default=default_workers(), help="conversion processes")
     p.add_argument(
-        "--val-holdout", type=int, default=0, help="hold out a fixed N images (--split val writes them)"
+        "--val-holdout", type=at_least(0), default=0, help="hold out a fixed N images (--split val writes them)"
     )
-    p.add_argument("--array-index", type=int, default=0, help="this SLURM array task's part")
-    p.add_argument("--array-count", type=int, default=1, help="number of parts")
+    p.add_argument("--array-index", type=at_least(0), default=0, help="this SLURM array task's part")
+    p.add_argument("--array-count", type=at_least(1), default=1, help="number of parts")
     p.add_argument(
         "--force", action="store_true", help="rebuild instead of resuming or keeping a complete build"
     )
@@ -89,7 +90,7 @@ def cmd_build(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vit-scale shards merge-index")
+    p = Parser(prog="vit-scale shards merge-index")
     p.add_argument("dir", help="the --out directory the array tasks wrote part-* folders into")
     p.add_argument("parts", nargs="*", help="part directories (default: every DIR/*/index.json)")
     a = p.parse_args(argv)
@@ -104,12 +105,12 @@ def cmd_verify(argv: list[str]) -> int:
 
     from vit_scale.data.verify import verify_shard  # decodes images: torch loads for this command only
 
-    p = argparse.ArgumentParser(prog="vit-scale shards verify")
+    p = Parser(prog="vit-scale shards verify")
     p.add_argument("dir")
     a = p.parse_args(argv)
     directory = Path(a.dir)
     index = read_index(directory)
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # shard names and problems quote files as they are
     failed = 0
     rows = []
     for entry in track(index["shards"], description="verifying", console=console, transient=True):
@@ -131,7 +132,7 @@ def cmd_stats(argv: list[str]) -> int:
 
     from vit_scale.data.stats import shard_stats  # reads image formats: torch loads for this command only
 
-    p = argparse.ArgumentParser(prog="vit-scale shards stats")
+    p = Parser(prog="vit-scale shards stats")
     p.add_argument("dir")
     a = p.parse_args(argv)
     s = shard_stats(Path(a.dir))
@@ -162,7 +163,7 @@ def cmd_stats(argv: list[str]) -> int:
 
 
 def _synth_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale shards synth",
         description="Build an embedded corpus as shards: formula-driven fractals (pretraining) or "
         "scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
@@ -174,8 +175,8 @@ def _synth_parser() -> argparse.ArgumentParser:
     f.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     f.add_argument("--out", required=True, help="output directory for the shards and index.json")
     f.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes (default 0)")
-    f.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    f.add_argument("--shard-size", type=int, default=synth.SHARD_SIZE, help="samples per shard")
+    f.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    f.add_argument("--shard-size", type=at_least(1), default=synth.SHARD_SIZE, help="samples per shard")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("digits", help="scikit-learn's 1,797 handwritten digits, fixed train/test split")
     d.add_argument("--size", type=int, default=32, help="image side after upsampling (default 32)")

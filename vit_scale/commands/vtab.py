@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vit_scale.commands.args import Parser, at_least
 from vit_scale.commands.ranks import add_launch_options, run_ranks
 from vit_scale.config import Batch, Config, load_config
 from vit_scale.dist import is_rank0
@@ -35,7 +36,7 @@ def _split_positional(first: str, overrides: list[str]) -> tuple[str | None, lis
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vit-scale vtab",
         description="Fine-tune and evaluate on the VTAB-1k tasks; write one table.",
         epilog=__doc__.split("Commands:")[1].split("The recipe")[0],
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
     one = parser.add_mutually_exclusive_group()
     one.add_argument("--task", default=None, help="run this one task only (its run dir is --run-dir)")
     one.add_argument(
-        "--task-index", type=int, default=None, help="run the I-th selected task only (SLURM arrays)"
+        "--task-index", type=at_least(0), default=None, help="run the I-th selected task only (SLURM arrays)"
     )
     one.add_argument("--collect", action="store_true", help="only write the table from finished tasks")
     parser.add_argument(

@@ -120,11 +120,12 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.markup import escape
         from rich.progress import Progress
 
         self._bar = Progress(transient=True)
         self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total)
+        task = self._bar.add_task(escape(self.label), total=self.total)  # a dataset name is not markup
         return lambda: self._bar.advance(task)
 
     def __exit__(self, *exc):

@@ -21,6 +21,10 @@ from vit_scale.dist import device, free_port, is_multi_rank
 
 
 def backend_name(cfg: Config) -> str:
+    # What the machine has is known only here, on the rank: validate() also runs where the job is planned
+    # (`vit-scale slurm --dry-run` on a login node without GPUs), so it cannot refuse nccl.
+    if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs GPUs and this process sees none; use gloo or auto on CPU")
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
     return "nccl" if torch.cuda.is_available() else "gloo"
