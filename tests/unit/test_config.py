@@ -183,6 +183,8 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path):
         ("model.width=0", "model.width=0 must be a finite number >= 1"),
         ("model.dropout=1.0", "model.dropout=1.0 must be a finite number >= 0.0 and < 1.0"),
         ("data.crop_area_min=0", "data.crop_area_min=0.0 must be a finite number > 0.0 and <= 1.0"),
+        ("optim.ema_decay=1", "optim.ema_decay=1.0 must be a finite number >= 0.0 and < 1.0 (0.0 turns it off)"),
+        ("optim.ema_decay=-0.5", "optim.ema_decay=-0.5 must be a finite number >= 0.0 and < 1.0"),
         ("data.workers=-1", "data.workers=-1 must be a finite number >= 0"),
         ("optim.betas=[0.9, 1.5]", "optim.betas=[0.9, 1.5]: every value must be a finite number >= 0.0 and < 1.0"),
         ("sweep.lr=[0.01, 0]", "sweep.lr=[0.01, 0.0]: every value must be a finite number > 0.0"),

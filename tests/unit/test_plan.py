@@ -137,6 +137,22 @@ def test_zero1_keeps_the_whole_16_bit_model_and_the_worst_rank_is_reported():
     assert params.bytes == 2 * sum(zero.flat_numel(lay.group_numels(g), 8) for g in range(len(lay.groups)))
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_polyak_averaging_costs_one_more_fp32_copy_of_the_ranks_master_weights(stage):
+    """optim.ema_decay keeps the average where the fp32 master weights live (vit_scale.train.average), so
+    each stage's plan grows by exactly the master term: the whole model without ZeRO, a partition with."""
+    cfg = load_config(ROOT / "configs" / "finetune" / "imagenet_vit_b16.yaml", [f"parallel.zero_stage={stage}"])
+    assert cfg.optim.ema_decay == 0.9999
+    lay = layout(cfg)
+    with_average = zero.model_states(lay, zero.zero_settings(cfg, 8), 0, "idle")
+    cfg.optim.ema_decay = 0.0
+    without = zero.model_states(lay, zero.zero_settings(cfg, 8), 0, "idle")
+    added = [t for t in with_average if t not in without]
+    master = next(t for t in without if t.key == "master")
+    assert [(t.key, t.bytes, t.where, t.dtype) for t in added] == [("average", master.bytes, master.where, "fp32")]
+    assert master.bytes == (4 * lay.total if stage == 0 else pytest.approx(4 * lay.total / 8, rel=0.01))
+
+
 def test_scaling_across_nodes_pays_for_stage_1_collectives_over_the_network():
     cfg = load_config(B16, ["train.micro_batch_per_rank=32"])
     one = make_plan(cfg, cluster(lookup("a100-80gb"), 2, 8)).to_dict()["time"]

@@ -1,7 +1,8 @@
 """Weight import: pretrained ViT weights from any supported source, as a timm-named state dict.
 
 Sources, told apart by what is on disk:
-- a committed pretrain checkpoint directory (any ZeRO stage), or a run directory (its latest one);
+- a committed pretrain checkpoint directory (any ZeRO stage), or a run directory (its latest one): the
+  parameter average when the run kept one (optim.ema_decay), else the parameters;
 - an exported safetensors file, or an export folder holding `model.safetensors`;
 - timm weights on disk: a torch state dict (`.pth`, `.pt`, `.bin`) or a `.safetensors` file;
 - the `.npz` layout of google-research/vision_transformer (the paper's released checkpoints).

@@ -30,6 +30,13 @@ def main(argv: list[str]) -> int:
         help="position-embedding interpolation when --img-size differs (default bilinear)",
     )
     parser.add_argument("--labels", choices=("int", "multi"), default="int", help="multi: multi-hot labels")
+    parser.add_argument(
+        "--crop",
+        choices=("none", "center"),
+        default="none",
+        help="none: resize the whole image (the paper's evaluation, default); center: shorter side, then the "
+        "central square",
+    )
     parser.add_argument("--batch-size", type=at_least(1), default=256)
     parser.add_argument(
         "--run-dir", default=None, help="where results.json goes (default runs/eval_<weights>)"
@@ -37,6 +44,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
+    from vit_scale.config.tasks import rule
+    from vit_scale.config.validate import index_task
     from vit_scale.evaluate.common import dataset_name
     from vit_scale.models import set_resolution
     from vit_scale.observe.results import weights_label, write_results
@@ -45,6 +54,13 @@ def main(argv: list[str]) -> int:
     run_dir = writable_dir(
         args.run_dir or Path("runs") / f"eval_{label}", "--run-dir"
     )  # before minutes of work
+    task = index_task(args.data)
+    why = rule(task, "crop")
+    if args.crop == "center" and why:
+        raise UserError(
+            f"--crop center cuts the borders of the images scored, but {task}: {why}; use --crop none"
+        )
+
     pre = load_pretrained(args.weights)
     if not pre.model.num_classes:
         raise UserError(
@@ -60,7 +76,7 @@ def main(argv: list[str]) -> int:
                 raise UserError(f"--img-size: {e}") from None
         device = rank_device()
         model = model.to(device)
-        data_cfg = DataConfig(workers=0, labels=args.labels)
+        data_cfg = DataConfig(workers=0, labels=args.labels, eval_crop=args.crop)
         metrics = evaluate(
             model,
             args.data,
@@ -84,6 +100,7 @@ def main(argv: list[str]) -> int:
                 "source": pre.source,
                 "data": args.data,
                 "img_size": img_size,
+                "crop": args.crop,
             },
         },
     )

@@ -35,6 +35,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", default="", help="split to write (CIFAR train/test, VTAB lists, val with holdout)"
     )
+    p.add_argument(
+        "--task",
+        default="",
+        help="the VTAB-1k task, recorded in index.json so that augmentations which change its labels are "
+        "refused (default for --format vtab: the source folder's name when it names a task)",
+    )
     p.add_argument("--max-side", type=at_least(0), default=0, help="resize so the longer side is at most N (0: keep)")
     p.add_argument("--quality", type=between(1, 100), default=JPEG_QUALITY, help="JPEG quality when re-encoding")
     p.add_argument("--shard-size", type=at_least(1), default=1000, help="samples per shard")
@@ -82,6 +88,7 @@ def cmd_build(argv: list[str]) -> int:
         progress=not a.no_progress,
         multi_label=a.multi_label,
         follow_links=a.follow_links,
+        task=a.task,
     )
     reasons = Counter(s["reason"].split(" (")[0] for s in index["skipped"])
     print(

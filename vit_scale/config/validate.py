@@ -18,6 +18,7 @@ from typing import Literal
 
 from vit_scale.config.loader import ConfigError
 from vit_scale.config.schema import Config, TrainConfig
+from vit_scale.config.tasks import VTAB_TASKS, canonical, refusal
 from vit_scale.config.variants import VARIANTS, model_dims
 
 Kind = Literal["pretrain", "finetune"]
@@ -88,6 +89,7 @@ RANGES: dict[str, tuple] = {
     "optim.weight_decay": (0.0, None),
     "optim.grad_clip": (0.0, None, "off"),
     "optim.label_smoothing": (0.0, (1.0,)),
+    "optim.ema_decay": (0.0, (1.0,), "off"),
     "schedule.warmup_steps": (0, None),
     "schedule.end_lr": (0.0, None),
     "train.steps": (1, None),
@@ -269,15 +271,54 @@ def _check_randaugment(spec: str) -> None:
         ) from None
 
 
-def index_classes(source: str) -> int:
-    """Classes a shard directory's index.json declares; 0 when it cannot tell (patterns, pipes)."""
+def _index(source: str) -> dict:
+    """A shard directory's index.json; {} when there is none (patterns, pipes) or it cannot be read."""
     index = Path(source) / "index.json"
     if not index.is_file():
-        return 0
+        return {}
     try:
-        return int(json.loads(index.read_text()).get("num_classes") or 0)
-    except (OSError, ValueError, AttributeError):
-        return 0  # the data layer reports an unreadable index with its own message when it opens it
+        found = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}  # the data layer reports an unreadable index with its own message when it opens it
+    return found if isinstance(found, dict) else {}
+
+
+def index_classes(source: str) -> int:
+    """Classes a shard directory's index.json declares; 0 when it cannot tell (patterns, pipes)."""
+    try:
+        return int(_index(source).get("num_classes") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def index_task(source: str) -> str:
+    """The task a shard directory's index.json records (`shards build --format vtab`); "" when none."""
+    return str(_index(source.strip()).get("task") or "") if source.strip() else ""
+
+
+def data_tasks(cfg: Config) -> list[str]:
+    """The tasks the run's data belongs to: `data.task`, and each shard directory's recorded task."""
+    sources = [*cfg.data.train.split("::"), cfg.data.val, cfg.data.test, cfg.sweep.final_train]
+    found = [cfg.data.task] + [index_task(s) for s in sources]
+    return list(dict.fromkeys(t for t in found if t))
+
+
+def _check_augmentation(cfg: Config) -> None:
+    d = cfg.data
+    if d.randaugment and d.augment != "inception":
+        raise ConfigError(
+            f"data.randaugment={d.randaugment!r} applies to inception crops only, but "
+            f"data.augment={d.augment}; set data.augment=inception or data.randaugment=''"
+        )
+    if d.task and canonical(d.task) not in VTAB_TASKS:
+        raise ConfigError(
+            f"data.task={d.task!r} is not a VTAB-1k task; leave it empty or name one of: "
+            + ", ".join(VTAB_TASKS)
+        )
+    for task in data_tasks(cfg):
+        why = refusal(task, d.augment, d.hflip, d.randaugment, d.eval_crop)
+        if why:
+            raise ConfigError(why)
 
 
 def _check_finetune(cfg: Config) -> None:
@@ -313,6 +354,7 @@ def validate(cfg: Config, world_size: int, kind: Kind = "pretrain") -> Batch:
     _check_model(cfg)
     _check_parallel(cfg, world_size)
     _check_data(cfg)
+    _check_augmentation(cfg)
     if kind == "finetune":
         _check_finetune(cfg)
     batch = Batch(*resolve_batch(cfg.train, world_size), world_size=world_size)

@@ -432,6 +432,11 @@ def merge_index(directory: str | Path, parts: list[str] | None = None) -> dict:
         shards += [{**s, "name": f"{rel.as_posix()}/{s['name']}"} for s in i["shards"]]
         skipped += i["skipped"]
     extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [d.name for d in part_dirs]}
+    tasks = {i.get("task", "") for i in indexes}
+    if len(tasks) > 1:
+        raise UserError(f"the parts in {directory} name different tasks ({', '.join(sorted(tasks))})")
+    if task := tasks.pop():
+        extra["task"] = task  # its augmentation rules hold for the whole set
     index = make_index(
         shards,
         classes=classes,

@@ -23,39 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vit_scale.config.tasks import VTAB_TASKS, canonical
 from vit_scale.data.shards import make_key, unique_key
 from vit_scale.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 FORMATS = ("imagefolder", "in21k", "cifar", "vtab", "csv")
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
-# The classes of the 19 VTAB-1k tasks: a task folder of that name may hold no label past its count.
-VTAB_NUM_CLASSES = {
-    "caltech101": 102,
-    "cifar100": 100,
-    "dtd": 47,
-    "oxford_flowers102": 102,
-    "oxford_iiit_pet": 37,
-    "sun397": 397,
-    "svhn": 10,
-    "patch_camelyon": 2,
-    "eurosat": 10,
-    "resisc45": 45,
-    "diabetic_retinopathy": 5,
-    "clevr_count": 8,
-    "clevr_dist": 6,
-    "dmlab": 6,
-    "dsprites_loc": 16,
-    "dsprites_ori": 16,
-    "kitti_dist": 4,
-    "smallnorb_azi": 18,
-    "smallnorb_ele": 9,
-}
-VTAB_ALIASES = {
-    "smallnorb_elev": "smallnorb_ele",
-    "oxford_pet": "oxford_iiit_pet",
-    "flowers102": "oxford_flowers102",
-}
 # Beyond any real corpus (ImageNet-21k has 21,843 classes): a larger id is a typo or a hostile list, and
 # the class table it implies would not fit in memory.
 MAX_CLASSES = 10**6
@@ -611,8 +585,8 @@ def vtab(src: Path, split: str = "", *, follow_links: bool = False) -> Corpus:
         raise UserError(
             f"{lst} is missing; a VTAB-1k task folder has {', '.join(s + '.txt' for s in VTAB_SPLITS)}"
         )
-    task = VTAB_ALIASES.get(src.resolve().name, src.resolve().name)
-    bound = VTAB_NUM_CLASSES.get(task)
+    task = canonical(src.resolve().name)
+    bound = VTAB_TASKS[task][1] if task in VTAB_TASKS else None
     # Class ids over every list of the task, so all splits agree on the number of classes.
     all_labels = set()
     for s in VTAB_SPLITS:

@@ -16,32 +16,11 @@ import copy
 from pathlib import Path
 
 from vit_scale.config import Batch, Config, ConfigError
-from vit_scale.data.sources import VTAB_ALIASES, VTAB_NUM_CLASSES
+from vit_scale.config.tasks import ALIASES, GROUPS
+from vit_scale.config.tasks import VTAB_TASKS as TASKS
 from vit_scale.dist import on_rank0
 from vit_scale.errors import UserError
 from vit_scale.observe.results import RESULTS, read_results, write_results
-
-# The paper's 19 tasks (Appendix, VTAB-1k) in its order, by group; their class counts are the data
-# layer's, which checks the labels of task folders against them.
-_GROUPS = {
-    "Natural": ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn"),
-    "Specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "Structured": (
-        "clevr_count",
-        "clevr_dist",
-        "dmlab",
-        "dsprites_loc",
-        "dsprites_ori",
-        "kitti_dist",
-        "smallnorb_azi",
-        "smallnorb_ele",
-    ),
-}
-TASKS: dict[str, tuple[str, int]] = {
-    task: (group, VTAB_NUM_CLASSES[task]) for group, tasks in _GROUPS.items() for task in tasks
-}
-GROUPS = tuple(_GROUPS)
-ALIASES = VTAB_ALIASES
 
 
 def task_name(name: str) -> str:
@@ -67,7 +46,8 @@ def select_tasks(root: str | None, names: str | None) -> list[str]:
 
 
 def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
-    """The fine-tune config of one task: its splits, and its class count (from index.json when given)."""
+    """The fine-tune config of one task: its splits, its class count (from index.json when given), and its
+    name, so that validation applies the task's augmentation rules (vit_scale.config.tasks)."""
     from vit_scale.config.validate import index_classes
 
     cfg = copy.deepcopy(base)
@@ -78,6 +58,7 @@ def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
                 f"VTAB task {task} lacks {d / split}; build it with `vit-scale shards build --format vtab`"
             )
     cfg.model.num_classes = index_classes(str(d / "test")) or TASKS[task][1]
+    cfg.data.task = task
     cfg.data.test = str(d / "test")
     if sweep:
         cfg.sweep.lr = cfg.sweep.lr or [0.001, 0.003, 0.01, 0.03]

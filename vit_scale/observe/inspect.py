@@ -177,7 +177,7 @@ def draw_rollout(images: torch.Tensor, rollout: torch.Tensor, names: list[str]) 
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """uint8 [B, 3, size, size]: each image resized and centre-cropped as at evaluation."""
+    """uint8 [B, 3, size, size]: each whole image resized to size × size, as at evaluation."""
     from vit_scale.data.transforms import decode_rgb, eval_transform
 
     out = []

@@ -16,6 +16,7 @@ What exists only in passing (buckets, flatten copies, ZeRO-3's gathered paramete
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class ZeroSettings:
     contiguous_gradients: bool
     sub_group_size: int
     allreduce_bucket_stage0: int
+    average: bool = False  # optim.ema_decay > 0: one more fp32 copy of the rank's master weights
 
     @property
     def states_per_element(self) -> int:
@@ -72,8 +74,9 @@ def zero_settings(cfg: Config, world: int) -> ZeroSettings:
     from vit_scale.train.engine import deepspeed_config
 
     batch = Batch(*resolve_batch(cfg.train, world), world_size=world)
-    return _settings(repr(deepspeed_config(cfg, batch)["zero_optimization"]), cfg.precision.dtype, cfg.optim.name,
-                     cfg.parallel.offload_optimizer, cfg.parallel.offload_params, world)
+    z = _settings(repr(deepspeed_config(cfg, batch)["zero_optimization"]), cfg.precision.dtype, cfg.optim.name,
+                  cfg.parallel.offload_optimizer, cfg.parallel.offload_params, world)
+    return dataclasses.replace(z, average=cfg.optim.ema_decay > 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -193,6 +196,8 @@ def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum
         add("params", "parameters", lp * P)
         if not plain:
             add("master", "fp32 master weights", 4 * P, dtype="fp32")
+        if z.average:
+            add("average", "parameter average (optim.ema_decay)", 4 * P, dtype="fp32")
         counters = 4 * len(lay.numels) if z.torch_step_counters else 0
         add("optim", "optimizer states", 4 * z.states_per_element * P + counters, dtype="fp32")
         if phase != "idle":
@@ -206,6 +211,8 @@ def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum
         parts = [flat_numel(g, N) // N for g in groups]
         add("params", "parameters", lp * sum(flat_numel(g, N) for g in groups))
         add("master", "fp32 master weights (partition)", 4 * sum(parts), dev_opt, "fp32")
+        if z.average:  # vit_scale.train.average: the same slices as the master partition, padding excepted
+            add("average", "parameter average (optim.ema_decay, partition)", 4 * sum(parts), dev_opt, "fp32")
         counters = 4 * len(groups) if z.torch_step_counters else 0
         add("optim", "optimizer states (partition)", 4 * z.states_per_element * sum(parts) + counters, dev_opt, "fp32")
         if z.offload_optimizer:
@@ -236,6 +243,8 @@ def model_states(lay: Layout, z: ZeroSettings, rank: int, phase: str, grad_accum
             lp * sum(n for n, k in zip(lay.numels, keep) if k))
     add("grads", "gradients (partition)", lp * part_total, dev_opt)
     add("master", "fp32 master weights (partition)", 4 * sum(subs), dev_opt, "fp32")
+    if z.average:
+        add("average", "parameter average (optim.ema_decay, partition)", 4 * sum(subs), dev_opt, "fp32")
     counters = 4 * len(subs) if z.torch_step_counters else 0
     add("optim", "optimizer states (partition)", 4 * z.states_per_element * sum(subs) + counters, dev_opt, "fp32")
     if z.offload_optimizer:
