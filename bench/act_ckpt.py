@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def child(args) -> dict:
     import torch
 
-    from vit_scale.config import Config, load_config
+    from vit_scale.config import Config, load_config, validate
     from vit_scale.dist import device
     from vit_scale.models import build_model, model_dims, train_flops
     from vit_scale.observe.metrics import peak_memory_gb
@@ -46,7 +46,7 @@ def child(args) -> dict:
         ],
     )
     torch.manual_seed(0)
-    engine, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), 1, 10**6)
+    engine, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), validate(cfg, 1), 10**6)
     images = torch.randint(0, 256, (args.batch, 3, args.img, args.img), dtype=torch.uint8).to(device())
     labels = torch.randint(0, cfg.model.num_classes, (args.batch,)).to(device())
     loss_fn, torch_dtype = loss_function(cfg), {"bf16": torch.bfloat16}.get(dtype, torch.float32)

@@ -28,7 +28,7 @@ def main() -> int:
     import torch
 
     from vit_scale.checkpoint import commit
-    from vit_scale.config import Config, load_config
+    from vit_scale.config import Config, load_config, validate
     from vit_scale.dist import device
     from vit_scale.models import build_model
     from vit_scale.train.engine import build_engine, init_distributed
@@ -53,7 +53,7 @@ def main() -> int:
             "precision.dtype=fp32",
         ],
     )
-    engine, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), 1, 100)
+    engine, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), validate(cfg, 1), 100)
     batch = [(torch.randint(0, 256, (2, 3, args.img, args.img), dtype=torch.uint8), torch.tensor([0, 1]))]
     train_step(engine, batch, loss_function(cfg), torch.float32)
     run = Path(args.dir)
@@ -74,7 +74,7 @@ def main() -> int:
         t0 = time.perf_counter()
         universal = commit._universal_copy(ckpt, run)
         reshard["convert_s"] = round(time.perf_counter() - t0, 2)
-        fresh, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), 1, 100)
+        fresh, _, _ = build_engine(cfg, build_model(cfg.model).to(device()), validate(cfg, 1), 100)
         fresh._config.load_universal_checkpoint = True
         t0 = time.perf_counter()
         fresh.load_checkpoint(str(universal.parent), tag=universal.name)

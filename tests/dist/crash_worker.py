@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from vit_scale.checkpoint import commit
-from vit_scale.config import load_config
+from vit_scale.config import load_config, validate
 from vit_scale.models import build_model
 from vit_scale.train.engine import build_engine, init_distributed
 
@@ -14,7 +14,7 @@ def main() -> int:
     config, run_dir = sys.argv[1:3]
     cfg = load_config(config, ["train.global_batch=2"])
     init_distributed(cfg)
-    engine, _, _ = build_engine(cfg, build_model(cfg.model), 1, 10)
+    engine, _, _ = build_engine(cfg, build_model(cfg.model), validate(cfg, 1), 10)
     for step in (1, 2):
         trainer = {
             "step": step,

@@ -4,8 +4,8 @@ into NaN at step 3 and at every step from 8 on, trained by the real loop. Exits 
 import sys
 from pathlib import Path
 
-from vit_scale.config import load_config
-from vit_scale.dist import rank
+from vit_scale.config import load_config, validate
+from vit_scale.dist import rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.models import build_model
 from vit_scale.train.loop import train
@@ -25,7 +25,7 @@ def main() -> int:
 
     model.register_forward_hook(poison)
     try:
-        train(cfg, Path(run_dir), model=model)
+        train(cfg, Path(run_dir), validate(cfg, world_size()), model=model)
     except UserError as e:
         print(f"rank {rank()}: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vit_scale.checkpoint import commit, load_consolidated_state_dict
-from vit_scale.config import load_config
+from vit_scale.config import load_config, validate
 from vit_scale.models import build_model
 from vit_scale.train.engine import build_engine, init_distributed
 
@@ -19,7 +19,7 @@ def main() -> int:
     ckpt = Path(ckpt)
     cfg = load_config(config, overrides)
     init_distributed(cfg)
-    engine, _, scheduler = build_engine(cfg, build_model(cfg.model), 1, cfg.train.steps)
+    engine, _, scheduler = build_engine(cfg, build_model(cfg.model), validate(cfg, 1), cfg.train.steps)
     saved, own = commit.load(engine, ckpt, scratch=Path(scratch))
     want = load_consolidated_state_dict(ckpt)[0]
     got = engine.module.state_dict()

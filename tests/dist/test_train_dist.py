@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -427,3 +428,85 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path, shards):
     one, two = h.losses(tmp_path / "one"), h.losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
     assert [two[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], rel=1e-6, abs=0)
+
+
+MIXING = ("data.mixup=0.8", "data.cutmix=1.0")
+
+
+def test_mixup_and_cutmix_mix_the_images_and_targets_of_each_training_step(tmp_path, shards):
+    """The real loop on one rank, the inputs and logits of its model captured: every step's input is timm's
+    Mixup/CutMix of the unmixed batch, drawn from numpy's RNG as the rank seeded it (so a checkpoint's RNG
+    state continues it), and the logged loss is the soft-target cross-entropy on the mixed, smoothed targets."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    from vit_scale.config import load_config
+    from vit_scale.data.loader import make_loader
+    from vit_scale.data.transforms import make_mixup, to_model_input
+
+    args = [f"data.train={shards}", "train.steps=6", "data.workers=0", "optim.label_smoothing=0.1", *MIXING]
+    worker = Path(__file__).with_name("mixup_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(h.TINY), str(tmp_path / "run"), str(tmp_path / "seen.pt"), *args],
+        cwd=h.ROOT,
+        env=h.env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, h.tail(proc)
+    seen = torch.load(tmp_path / "seen.pt")
+    assert len(seen["inputs"]) == len(seen["logits"]) == 6  # one micro batch per step
+
+    cfg = load_config(h.TINY, args)
+    loader = make_loader(
+        str(shards), cfg.data, train=True, img_size=32, batch_size=8, rank=0, world_size=1, seed=0
+    )
+    np.random.seed(cfg.train.seed * 1000 + 0 + 1)  # the loop's per-rank seed (rank 0)
+    mix = make_mixup(0.8, 1.0, h.NUM_CLASSES, label_smoothing=0.1)
+    losses = h.losses(tmp_path / "run")
+    for step, (images, labels) in zip(range(1, 7), loader):
+        seen_in, logits = seen["inputs"][step - 1], seen["logits"][step - 1].float()
+        plain = to_model_input(images)
+        want_in, want_target = mix(plain.clone(), labels)
+        assert not torch.equal(seen_in, plain) and torch.equal(seen_in, want_in), step
+        unmixed = 0.9 * torch.nn.functional.one_hot(labels, h.NUM_CLASSES) + 0.1 / h.NUM_CLASSES
+        assert not torch.allclose(want_target, unmixed), step
+        loss = SoftTargetCrossEntropy()
+        assert losses[step] == loss(logits, want_target).item() != loss(logits, unmixed).item(), step
+
+
+def test_mixup_resumes_bit_exactly_on_two_ranks(tmp_path, shards):
+    """Mixing draws from each rank's numpy RNG, which the checkpoint saves per rank: a resume from the
+    step-3 checkpoint reproduces steps 4-6 and the final weights bit for bit."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ("train.steps=6", "checkpoint.every_steps=3", *MIXING)
+    proc = h.pretrain(first, shards, *args)
+    assert proc.returncode == 0, h.tail(proc)
+    got = h.losses(first)
+    assert [got[s] for s in range(2, 7)] != GOLDEN_30[1:6]  # mixed from the first step on
+    proc = h.pretrain(second, shards, *args, f"resume={first / 'checkpoints' / 'step_000000003'}")
+    assert proc.returncode == 0, h.tail(proc)
+    again = h.losses(second)
+    assert sorted(again) == [4, 5, 6] and all(again[s] == got[s] for s in again)
+    assert h.same_weights(h.weights(first), h.weights(second))
+
+
+def test_eval_every_steps_scores_data_val_on_all_ranks_without_moving_the_training(tmp_path, shards):
+    """eval.every_steps=2 on 2 ranks: the losses stay the golden ones (evaluation draws nothing from the
+    training RNG), every 2nd step logs val/top1 and val/top5, and step 6's equal `vit-scale eval` of the
+    final checkpoint, which holds the same weights."""
+    from vit_scale.cli import main as cli
+
+    run = tmp_path / "run"
+    args = ("train.steps=6", "checkpoint.every_steps=0", f"data.val={shards}", "eval.every_steps=2")
+    proc = h.pretrain(run, shards, *args)
+    assert proc.returncode == 0, h.tail(proc)
+    got = h.losses(run)
+    assert [got[s] for s in range(1, 7)] == GOLDEN_30[:6]
+    val = {r["step"]: r for r in h.records(run) if "val/top1" in r}
+    assert sorted(val) == [2, 4, 6]
+    assert all(0 <= r["val/top1"] <= r["val/top5"] <= 1 for r in val.values())
+    assert cli(["eval", str(run), "--data", str(shards), "--run-dir", str(tmp_path / "eval")]) == 0
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
+    (row,) = scored.values()
+    assert (row["top1"], row["top5"]) == (val[6]["val/top1"], val[6]["val/top5"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vit_scale.config import ConfigError, load_config
+from vit_scale.config import ConfigError, load_config, validate
 from vit_scale.data.transforms import to_model_input
 from vit_scale.train.engine import deepspeed_config, lr_multiplier, param_groups
 from vit_scale.train.loop import loss_function, total_steps
@@ -38,7 +38,7 @@ def test_deepspeed_config_follows_the_config_tree():
             "optim.grad_clip=0.5",
         ],
     )
-    ds = deepspeed_config(cfg, world_size=2)
+    ds = deepspeed_config(cfg, validate(cfg, 2))
     assert ds["train_batch_size"] == 64
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == 64
     assert ds["gradient_accumulation_steps"] == 4
@@ -51,9 +51,9 @@ def test_deepspeed_config_follows_the_config_tree():
 
 def test_plain_fp32_stage0_clips_in_our_guard_not_in_deepspeed():
     cfg = load_config(None, ["parallel.zero_stage=0", "precision.dtype=fp32", "train.global_batch=8"])
-    assert deepspeed_config(cfg, 1)["gradient_clipping"] == 0.0
+    assert deepspeed_config(cfg, validate(cfg, 1))["gradient_clipping"] == 0.0
     with pytest.raises(ConfigError, match="train.global_batch=8 is not a multiple"):
-        deepspeed_config(load_config(None, ["train.global_batch=8", "train.micro_batch_per_rank=3"]), 1)
+        validate(load_config(None, ["train.global_batch=8", "train.micro_batch_per_rank=3"]), 1)
 
 
 def test_run_length_from_epochs_or_examples():
@@ -96,6 +96,16 @@ def test_losses_and_normalisation():
     assert sigmoid(logits, torch.tensor([[1.0, 0.0, 1.0]])).item() == pytest.approx(want)
     x = to_model_input(torch.tensor([0, 255], dtype=torch.uint8), torch.float32)
     assert x.tolist() == [-1.0, 1.0]
+
+
+def test_mixing_trains_on_soft_targets_with_the_softmax_loss():
+    """With data.mixup / data.cutmix the targets arrive as class distributions (mixed and smoothed by timm's
+    Mixup), and the loss is their cross-entropy with the softmax of the logits."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    target = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6]])
+    soft = loss_function(load_config(None, ["data.mixup=0.8", "optim.label_smoothing=0.1"]))
+    want = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert soft(logits, target).item() == pytest.approx(want.item())
 
 
 def test_plain_optimizer_guard_skips_non_finite_steps_and_clips_finite_ones():

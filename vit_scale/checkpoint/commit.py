@@ -1,7 +1,7 @@
 """Checkpoints that never tear: DeepSpeed's sharded save under our own commit protocol.
 
     checkpoints/step_000000020/   DeepSpeed's files + rank_00000.pt ... (each rank's data position and RNGs)
-                  manifest.json   sizes and sha256 of every file, counters, world size, ZeRO stage
+                  manifest.json   sizes and sha256 of every file, counters, world size, ZeRO stage, who wrote it
                   COMMITTED       written last, after every rank finished and the manifest is on disk
     checkpoints/latest            name of the newest committed step, replaced atomically
 
@@ -11,6 +11,7 @@ own `latest` file is not written: it appears before all ranks finish.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,9 +29,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vit_scale.checkpoint import safe_load
+from vit_scale.checkpoint.lock import writer
 from vit_scale.dist import barrier, collective_device, is_multi_rank, is_rank0, rank, world_size
 from vit_scale.errors import UserError
-from vit_scale.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from vit_scale.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    disk_full_error,
+    fsync_dir,
+    is_disk_full,
+)
 
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"
@@ -138,32 +148,71 @@ def save(
         if ckpt.exists():  # a torn earlier attempt at this step, or one superseded after a resume
             shutil.rmtree(ckpt)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
-    _crash_point("after_engine_save", step)
-    buf = io.BytesIO()
-    torch.save(dict(rank_state, rank=rank(), world_size=world_size()), buf)
-    atomic_write_bytes(ckpt / rank_file_name(rank()), buf.getvalue())
+    with _space_for(engine, ckpt):
+        engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        _crash_point("after_engine_save", step)
+        buf = io.BytesIO()
+        torch.save(dict(rank_state, rank=rank(), world_size=world_size()), buf)
+        atomic_write_bytes(ckpt / rank_file_name(rank()), buf.getvalue())
     _crash_point("after_rank_files", step)
     barrier()
     if is_rank0():
-        manifest = {
-            "step": step,
-            "world_size": world_size(),
-            "zero_stage": engine.zero_optimization_stage(),
-            "trainer": trainer_state,
-            "config": config,  # a checkpoint directory describes itself, even copied away from its run
-            "time": time.time(),
-            "files": _manifest_files(ckpt),
-        }
-        atomic_write_json(ckpt / MANIFEST, manifest)
-        _crash_point("after_manifest", step)
-        atomic_write_text(ckpt / COMMITTED, f"{step}\n")
+        with _space_for(engine, ckpt):
+            _commit(engine, ckpt, step, trainer_state, config)
         _crash_point("after_committed", step)
         atomic_write_text(root / LATEST, tag + "\n")
         _crash_point("after_latest", step)
         prune(root, keep_last, keep_every)
     barrier()
     return ckpt
+
+
+def _commit(engine, ckpt: Path, step: int, trainer_state: dict, config: dict) -> None:
+    """Rank 0, once every rank's files are on disk: the manifest, then COMMITTED."""
+    manifest = {
+        "step": step,
+        "world_size": world_size(),
+        "zero_stage": engine.zero_optimization_stage(),
+        "trainer": trainer_state,
+        "config": config,  # a checkpoint directory describes itself, even copied away from its run
+        "time": time.time(),
+        # Who wrote it (user, host, pid, job id): resuming unpickles its files, so know whose they are.
+        "writer": writer(),
+        "files": _manifest_files(ckpt),
+    }
+    atomic_write_json(ckpt / MANIFEST, manifest)
+    _crash_point("after_manifest", step)
+    atomic_write_text(ckpt / COMMITTED, f"{step}\n")
+
+
+def checkpoint_bytes(engine, root: Path) -> int:
+    """About how much one checkpoint takes: the newest committed one's size, else 16 bytes per parameter
+    (fp32 weights, Adam's two moments, the module's own copy)."""
+    committed = committed_dirs(root)
+    if committed:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return sum(f["size"] for f in read_manifest(committed[-1])["files"].values())
+    return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+@contextlib.contextmanager
+def _space_for(engine, ckpt: Path):
+    """A full disk while writing `ckpt` becomes one line with the path, the free space and the size needed,
+    and the partial checkpoint is removed: it has no COMMITTED marker, so it would never be loaded, but
+    it holds the space the next try needs."""
+    try:
+        yield
+    except Exception as e:
+        needed = checkpoint_bytes(engine, ckpt.parent)
+        if not is_disk_full(e, ckpt, needed):
+            raise
+        err = disk_full_error(
+            ckpt, needed, "checkpoint",
+            "removed the partial checkpoint (the run resumes from its last committed one); free space or "
+            "move the run directory, then run the same command again",
+        )  # fmt: skip
+        shutil.rmtree(ckpt, ignore_errors=True)
+        raise CheckpointError(str(err)) from None
 
 
 def prune(root: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
@@ -309,6 +358,22 @@ def _universal_copy(ckpt: Path, scratch: Path) -> Path:
     return Path(box[0])
 
 
+def _other_model(ckpt: Path, e: RuntimeError) -> CheckpointError | None:
+    """What to tell the user when torch refused the weights of `ckpt` for this model (a run directory reused
+    with other model settings); None for any other failure."""
+    text = str(e)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                  r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    what = f"{m[1]} is {m[2]} there and {m[3]} now" if m else text.splitlines()[1].strip().rstrip(".")
+    return CheckpointError(
+        f"{ckpt} holds the weights of another model ({what}): resuming needs the model settings it was saved "
+        f"with (its {MANIFEST} lists them); to start afresh use another --run-dir, or fine-tune from it with "
+        f"init={ckpt}"
+    )
+
+
 def load(
     engine, ckpt: Path, *, load_optimizer: bool = True, scratch: Path | None = None
 ) -> tuple[dict, dict | None]:
@@ -323,15 +388,21 @@ def load(
     manifest = read_manifest(ckpt)
     saved, now = manifest["world_size"], world_size()
     if saved == now:
-        path, client = engine.load_checkpoint(
-            str(ckpt.parent),
-            tag=ckpt.name,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
-        )
+        try:
+            path, client = engine.load_checkpoint(
+                str(ckpt.parent),
+                tag=ckpt.name,
+                load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer,
+            )
+        except RuntimeError as e:
+            refused = _other_model(ckpt, e)
+            if refused is None:
+                raise
+            raise refused from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-        own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
+        own = safe_load.load(ckpt / rank_file_name(rank()))
         return client["trainer"], own
 
     was_offloaded = bool(manifest.get("config", {}).get("parallel", {}).get("offload_optimizer"))

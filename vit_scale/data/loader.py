@@ -174,19 +174,10 @@ def make_loader(
     world_size: int = 1,
     seed: int = 0,
 ) -> ShardLoader:
-    """A loader for one rank; refuses before any step what cannot work (see module docstring)."""
-    if data.mode not in ("exact", "resampled"):
-        raise UserError(f"data.mode={data.mode!r}; use 'exact' or 'resampled'")
-    if data.labels not in ("int", "multi"):
-        raise UserError(f"data.labels={data.labels!r}; use 'int' or 'multi'")
-    if data.augment not in ("inception", "center"):
-        raise UserError(f"data.augment={data.augment!r}; use 'inception' or 'center'")
-    if not 0 < data.crop_area_min <= 1:
-        raise UserError(f"data.crop_area_min={data.crop_area_min} must be in (0, 1]")
+    """A loader for one rank; refuses before any step what the shards make impossible (see module
+    docstring). The settings in `data` have passed the validation pass (`vit_scale.config.validate`)."""
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
-    if data.workers < 0:
-        raise UserError(f"data.workers={data.workers} must be 0 or more")
     # Evaluation reads every source once, so a weighted mixture is evaluated as the concatenation.
     sets, weights = resolve_source(source, data.weights if train else [])
     workers = max(1, data.workers)

@@ -117,11 +117,5 @@ def resolve_source(source: str, weights: list[float]) -> tuple[list[ShardSet], l
             sets[0].labels,
         )
         return [merged], None
-    if len(weights) != len(sets):
-        raise UserError(
-            f"data.weights has {len(weights)} values for {len(sets)} `::`-separated sources; "
-            "give one weight per source"
-        )
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"data.weights={weights} must be non-negative with a positive sum")
+    # One weight per source, non-negative with a positive sum: checked by the validation pass.
     return sets, [float(w) for w in weights]

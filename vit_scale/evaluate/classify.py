@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vit_scale.config.schema import DataConfig
+from vit_scale.config.schema import Config, DataConfig
 from vit_scale.dist import collective_device, is_multi_rank
 from vit_scale.dist import device as rank_device
 from vit_scale.errors import UserError
@@ -80,6 +80,34 @@ def evaluate(
     return {"top1": hits1 / n, "top5": hits5 / n, "n": int(n), "bad_samples": loader.bad_samples}
 
 
+def score(model: nn.Module, cfg: Config, sources: dict[str, str], progress: bool = False) -> dict[str, dict]:
+    """`evaluate` of the model being trained (by `cfg`) on each named source that is set, every rank scoring
+    its share. An fp32 copy is scored, so the result is the same whatever the engine did to the module
+    (bf16 casting, ZeRO-3 partitioning)."""
+    from vit_scale.dist import device as rank_device
+    from vit_scale.dist import rank, world_size
+    from vit_scale.evaluate.common import plain_copy
+
+    device = rank_device()
+    scored = plain_copy(model, cfg.model, device, keep_head=True)
+    img_size = cfg.eval.img_size or cfg.model.img_size
+    return {
+        split: evaluate(
+            scored,
+            source,
+            cfg.data,
+            img_size=img_size,
+            batch_size=cfg.eval.batch_size,
+            rank=rank(),
+            world_size=world_size(),
+            device=device,
+            progress=progress,
+        )
+        for split, source in sources.items()
+        if source
+    }
+
+
 class _Progress:
     """A rich progress bar on rank 0 for long passes; a no-op otherwise."""
 
@@ -92,11 +120,12 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.markup import escape
         from rich.progress import Progress
 
         self._bar = Progress(transient=True)
         self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total)
+        task = self._bar.add_task(escape(self.label), total=self.total)  # a dataset name is not markup
         return lambda: self._bar.advance(task)
 
     def __exit__(self, *exc):

@@ -23,8 +23,8 @@ Two choices differ from big_vision's evaluator, because its fixed settings fail 
   than 1/sqrt(VAR_FLOOR), about 3x, beyond a typical one.
 
 `vit-scale fewshot WEIGHTS --train SHARDS --test SHARDS [--shots 1,5,10,25] [--seeds 3]` evaluates
-weights from the command line; the training loop calls `fewshot_metrics` on all ranks every
-`eval.fewshot_every_steps` steps.
+weights from the command line; during training `fewshot_metrics` runs on all ranks every
+`eval.fewshot_every_steps` steps, as a hook of the loop (`vit_scale.evaluate.hooks`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from vit_scale.config import Config, ConfigError, save_config
+from vit_scale.config import Batch, Config, ConfigError, save_config
 from vit_scale.dist import barrier, is_rank0, on_rank0
 from vit_scale.observe.results import RESULTS, read_results, weights_label, write_results
 
@@ -56,39 +56,7 @@ def build_transfer_model(cfg: Config):
     return model, pre
 
 
-def _evaluate_run(cfg: Config, model, sources: dict[str, str]) -> dict[str, dict]:
-    """Score the trained model on each named source, every rank scoring its share.
-
-    An fp32 copy is scored, so the result is the same whatever the engine did to the module
-    (bf16 casting, ZeRO-3 partitioning); after a resume that found the run finished, the module
-    holds the final checkpoint's weights.
-    """
-    from vit_scale.dist import device as rank_device
-    from vit_scale.dist import rank, world_size
-    from vit_scale.evaluate.classify import evaluate
-    from vit_scale.evaluate.common import plain_copy
-
-    device = rank_device()
-    scored = plain_copy(model, cfg.model, device, keep_head=True)
-    img_size = cfg.eval.img_size or cfg.model.img_size
-    return {
-        split: evaluate(
-            scored,
-            source,
-            cfg.data,
-            img_size=img_size,
-            batch_size=cfg.eval.batch_size,
-            rank=rank(),
-            world_size=world_size(),
-            device=device,
-            progress=cfg.logging.progress,
-        )
-        for split, source in sources.items()
-        if source
-    }
-
-
-def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]) -> dict:
+def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str], batch: Batch) -> dict:
     """Train one fine-tune in `run_dir` (resuming it if it was cut short) and score it.
 
     Returns {"lr", "steps", "eval": {split: metrics}}; a run that already finished is not redone.
@@ -102,13 +70,17 @@ def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]
     cfg.checkpoint.save_final = True  # a finished run must be resumable into its final weights
     model, pre = build_transfer_model(cfg)
     on_rank0(save_config, cfg, run_dir / "config.yaml")  # describes the fine-tuned model exactly
+    from vit_scale.evaluate.classify import score
+    from vit_scale.evaluate.hooks import training_hooks
     from vit_scale.train.loop import train
 
-    summary = train(cfg, run_dir, model=model)
-    scores = _evaluate_run(cfg, model, eval_sources)
+    summary = train(cfg, run_dir, batch, model=model, hooks=training_hooks(cfg))
+    # The trained module, or the parameter average with optim.ema_decay; after a resume that found the run
+    # finished, they hold the final checkpoint's weights.
+    scores = score(summary["model"], cfg, eval_sources, progress=cfg.logging.progress)
     out = {
         "lr": cfg.optim.lr,
-        "steps": (summary or {}).get("step", cfg.train.steps),
+        "steps": summary["step"],
         "init": {"path": pre.path, "source": pre.source, "img_size": pre.model.img_size},
         "eval": scores,
     }
@@ -132,10 +104,10 @@ def _warmup_fits(cfg: Config) -> None:
         cfg.schedule.warmup_steps = steps // 10
 
 
-def run_finetune(cfg: Config, run_dir: str | Path, label: str | None = None) -> dict:
+def run_finetune(cfg: Config, run_dir: str | Path, batch: Batch, label: str | None = None) -> dict:
     """The whole protocol: optional learning-rate sweep on data.val, final run scored on data.test.
 
-    `cfg` has passed `validate(cfg, world_size, "finetune")`."""
+    `cfg` has passed `validate(cfg, world_size, "finetune")`, which returned `batch`."""
     _warmup_fits(cfg)
     run_dir = Path(run_dir)
     if (run_dir / RESULTS).is_file():
@@ -147,16 +119,16 @@ def run_finetune(cfg: Config, run_dir: str | Path, label: str | None = None) -> 
         for lr in cfg.sweep.lr:
             c = copy.deepcopy(cfg)
             c.optim.lr = lr
-            res = finetune_once(c, run_dir / "sweep" / f"lr_{lr:g}", {"val": cfg.data.val})
+            res = finetune_once(c, run_dir / "sweep" / f"lr_{lr:g}", {"val": cfg.data.val}, batch)
             sweep.append({"lr": lr, "val": res["eval"]["val"]})
             if is_rank0():
                 print(f"sweep lr={lr:g}: val top-1 {100 * primary_metric(res['eval']['val']):.2f}%")
         best = max(sweep, key=lambda s: primary_metric(s["val"]))  # ties: the first (smallest) rate of the grid
         final_cfg.optim.lr = best["lr"]
         final_cfg.data.train = cfg.sweep.final_train or cfg.data.train
-        final = finetune_once(final_cfg, run_dir / "final", {"test": cfg.data.test})
+        final = finetune_once(final_cfg, run_dir / "final", {"test": cfg.data.test}, batch)
     else:
-        final = finetune_once(final_cfg, run_dir, {"val": cfg.data.val, "test": cfg.data.test})
+        final = finetune_once(final_cfg, run_dir, {"val": cfg.data.val, "test": cfg.data.test}, batch)
     from vit_scale.evaluate.common import dataset_name
 
     split = "test" if final["eval"].get("test") else "val"

@@ -1,12 +1,14 @@
-"""Training metrics: throughput and MFU from the analytic FLOPs, metrics.jsonl, and the wandb run.
+"""Training metrics: the per-window figures, throughput and MFU from the analytic FLOPs, metrics.jsonl,
+and the wandb run.
 
-Everything here runs on rank 0 only (the loop calls it through `on_rank0`); metrics.jsonl is the
-source every plot and dashboard reads, so wandb gets exactly the same records.
+`Window` runs on every rank (its loss is averaged across them); `MetricsLog` on rank 0 only.
+metrics.jsonl is the source every plot and dashboard reads, so wandb gets exactly the same records.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import resource
@@ -14,6 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from vit_scale.dist import is_multi_rank
 
 # Dense bf16 peak TFLOP/s per device, matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
@@ -70,6 +75,58 @@ def throughput(
         "tflops_per_device": tflops,
         "mfu": tflops / peak if peak else None,
     }
+
+
+class Window:
+    """Per-step figures since the last logging step; losses stay on the device until they are logged."""
+
+    def __init__(self, world: int, num_samples: int, flops_per_image: float, peak: float | None):
+        self.world, self.num_samples = world, num_samples
+        self.flops_per_image, self.peak = flops_per_image, peak
+        self.losses: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self.data_seconds = 0.0
+        self.lr = 0.0
+        self.last_loss: float | None = None
+        self.last_images_per_s: float | None = None
+        self.step_s = 0.0  # mean step time of the last logged window; 0 before the first
+
+    def add(self, loss: torch.Tensor, seconds: float, data_seconds: float, lr: float) -> None:
+        self.losses.append(loss)
+        self.lr = lr
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+
+    def record(self, engine, step: int, samples: int, skipped_steps: int) -> dict:
+        """The logging record of the window (named as METRIC_NAMES) from the DeepSpeed `engine`, on every
+        rank (the loss is all-reduced); starts the next window."""
+        steps = len(self.losses)
+        local = torch.stack(self.losses).float()
+        if is_multi_rank():
+            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+            local /= self.world
+        finite = [v for v in local.tolist() if math.isfinite(v)]
+        loss = sum(finite) / len(finite) if finite else None
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
+        images = steps * engine.train_batch_size()
+        rec = {
+            "step": step,
+            "epoch": samples / self.num_samples if self.num_samples > 0 else None,
+            "samples": samples,
+            "loss": loss,
+            "lr": self.lr,
+            "grad_norm": grad_norm,
+            "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)),
+            "skipped_steps": skipped_steps,
+            **throughput(
+                images, self.seconds, self.data_seconds, self.world, self.flops_per_image, self.peak
+            ),
+            "peak_mem_gb": peak_memory_gb(),
+        }
+        self.last_loss, self.last_images_per_s, self.step_s = loss, rec["images_per_s"], self.seconds / steps
+        self.losses, self.seconds, self.data_seconds = [], 0.0, 0.0
+        return rec
 
 
 def wandb_mode(setting: str) -> str:

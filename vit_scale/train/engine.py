@@ -16,11 +16,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_scale.config import Config, ConfigError, resolve_batch
+from vit_scale.config import Batch, Config, ConfigError
 from vit_scale.dist import device, free_port, is_multi_rank
+from vit_scale.train import ops
 
 
 def backend_name(cfg: Config) -> str:
+    # What the machine has is known only here, on the rank: validate() also runs where the job is planned
+    # (`vit-scale slurm --dry-run` on a login node without GPUs), so it cannot refuse nccl.
+    if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs GPUs and this process sees none; use gloo or auto on CPU")
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -34,6 +39,7 @@ def init_distributed(cfg: Config) -> None:
 
     if dist.is_initialized():
         return
+    ops.prepare(cfg.parallel.offload_optimizer)  # DeepSpeed builds or loads its ops in init_distributed
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     os.environ.setdefault("RANK", "0")
@@ -57,8 +63,8 @@ def uses_plain_optimizer(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 0 and cfg.precision.dtype == "fp32"
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    micro, accum = resolve_batch(cfg.train, world_size)
+def deepspeed_config(cfg: Config, batch: Batch) -> dict:
+    """DeepSpeed's JSON for `cfg`, with the batch split that the validation pass resolved."""
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
     if p.offload_optimizer:
@@ -70,8 +76,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds = {
         "train_batch_size": cfg.train.global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_per_rank,
+        "gradient_accumulation_steps": batch.grad_accum,
         # On the plain-optimizer path NonFiniteGuard clips, so it can see the norm before clipping.
         "gradient_clipping": 0.0 if uses_plain_optimizer(cfg) else cfg.optim.grad_clip,
         "zero_optimization": zero,
@@ -203,7 +209,7 @@ def apply_activation_checkpointing(model: nn.Module, every_k: int = 1) -> int:
 # ---------------------------------------------------------------- the engine
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, total_steps: int):
+def build_engine(cfg: Config, model: nn.Module, batch: Batch, total_steps: int):
     """(engine, optimizer, scheduler): DeepSpeed around `model`, ready for `train_step`."""
     import deepspeed
 
@@ -219,7 +225,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, total_steps: in
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, batch),
         dist_init_required=False,
     )
     if guard is None and not hasattr(engine.optimizer, "overflow"):

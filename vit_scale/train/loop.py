@@ -1,8 +1,9 @@
 """THE training loop, used by `pretrain` and `finetune` alike.
 
-Reads top to bottom: build (data, model, engine), resume, then a fixed number of `train_step`s with
-logging, checkpoints and preemption at step boundaries. Every rank runs the same number of steps, and
-every decision that must be the same on every rank (skip, checkpoint now, stop) is one all-reduce.
+`train()` reads top to bottom: build (data, model, engine), resume, then a fixed number of `train_step`s
+with logging, the caller's hooks, checkpoints and preemption at step boundaries, then the final save.
+Every rank runs the same number of steps, and every decision that must be the same on every rank
+(skip, checkpoint now, stop) is one all-reduce.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,19 +24,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_scale.checkpoint import commit
-from vit_scale.config import Config, ConfigError, resolve_batch, to_dict, validate
-from vit_scale.data.transforms import to_model_input
-from vit_scale.dist import device, is_rank0, on_rank0, rank, world_size
+from vit_scale.checkpoint.average import AVERAGE
+from vit_scale.checkpoint.policy import CheckpointPolicy
+from vit_scale.config import Batch, Config, ConfigError, to_dict
+from vit_scale.config.schema import ModelConfig
+from vit_scale.data.transforms import make_mixup, to_model_input
+from vit_scale.dist import collective_device, device, is_multi_rank, is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
-from vit_scale.evaluate.fewshot import fewshot_metrics
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
+from vit_scale.observe.progress import Progress
+from vit_scale.train.average import ParamAverage
 from vit_scale.train.engine import build_engine, init_distributed
-from vit_scale.train.preempt import Preempted, PreemptionWatch
+from vit_scale.train.preempt import DEADLINE_REASON, Preempted, PreemptionWatch, job_deadline
 
 
 class TrainingHalted(UserError):
     """Too many consecutive non-finite steps: the run cannot make progress as configured."""
+
+    @classmethod
+    def after(cls, skips: int, step: int) -> TrainingHalted:
+        return cls(
+            f"{skips} consecutive steps had non-finite loss or gradients (up to step {step}); nothing was "
+            "updated or checkpointed since. Lower optim.lr, raise schedule.warmup_steps, or use "
+            "precision.dtype=fp32 / bf16 instead of fp16"
+        )
 
 
 class PeerLost(UserError):
@@ -51,6 +65,15 @@ class PeerLost(UserError):
         from_backend = isinstance(e, dist.DistError) or any(b in msg for b in ("gloo", "nccl", "c10d"))
         return isinstance(e, RuntimeError) and from_backend and any(s in msg for s in cls.SIGNS)
 
+    @classmethod
+    def at_step(cls, e: BaseException, r: int, step: int, timeout_minutes: float) -> PeerLost:
+        detail = str(e).strip().splitlines()[-1][-200:]
+        return cls(
+            f"rank {r} at step {step}: a collective operation failed ({detail}). Another rank is frozen or has "
+            f"died; parallel.timeout_minutes={timeout_minutes:g} bounds how long the others wait for it. Run "
+            f"the same command again to resume from the last committed checkpoint"
+        )
+
 
 @dataclass
 class Counters:
@@ -65,6 +88,23 @@ class Counters:
     # The seed of the data and random streams: train.seed until a resume with another number of processes
     # starts new streams for the new layout (see `reseed_for`).
     stream_seed: int | None = None
+
+    def advance(self, applied: bool, global_batch: int) -> None:
+        """One step taken; `applied` is false when DeepSpeed skipped its update (non-finite gradients)."""
+        self.step += 1
+        self.samples += global_batch
+        self.skipped_steps += not applied
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Periodic work a command passes to `train` (an evaluation, say): `run(model)` on every rank after every
+    `every`-th step, returning figures for metrics.jsonl. The loop restores the training RNG and the module's
+    train mode afterwards, so a hook cannot change the steps that follow."""
+
+    every: int
+    run: Callable[[nn.Module], dict]
 
 
 def reseed_for(seed: int, world: int, step: int) -> int:
@@ -95,6 +135,21 @@ def total_steps(cfg: Config, num_samples: int) -> int:
     raise ConfigError("give the run length: train.steps, train.epochs or train.examples")
 
 
+def check_classes(cfg: Config, num_classes: int) -> None:
+    """The head must cover the training data's classes, and match them for multi-hot labels."""
+    head = cfg.model.num_classes
+    if cfg.data.labels == "multi" and num_classes != head:
+        raise ConfigError(
+            f"{cfg.data.train} has {num_classes} classes but model.num_classes={head}; "
+            f"set model.num_classes={num_classes}"
+        )
+    if num_classes > head:
+        raise ConfigError(
+            f"{cfg.data.train} has {num_classes} classes but model.num_classes={head} is smaller; "
+            f"set model.num_classes={num_classes}"
+        )
+
+
 def loss_function(cfg: Config):
     kind = cfg.optim.loss
     if kind == "auto":
@@ -104,6 +159,10 @@ def loss_function(cfg: Config):
         return lambda logits, y: (
             F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none").sum(-1).mean()
         )
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # the targets arrive mixed, and smoothed by the Mixup (`make_mixup`)
     smoothing = cfg.optim.label_smoothing
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
@@ -116,9 +175,9 @@ def seed_everything(seed: int) -> None:
 
 def agree(*flags: bool) -> list[bool]:
     """Each flag true on any rank becomes true on every rank (one all-reduce for all of them)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multi_rank():
         return list(flags)
-    t = torch.tensor([float(f) for f in flags], device=device() if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([float(f) for f in flags], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
@@ -127,17 +186,22 @@ def model_dtype(cfg: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype, torch.float32)
 
 
-def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
+def train_step(engine, batches, loss_fn, dtype: torch.dtype, mix=None) -> torch.Tensor:
     """Forward, backward and optimizer step over one step's micro batches; returns the mean local loss.
 
-    DeepSpeed accumulates gradients until the last micro batch and then steps, or skips the update on
-    every rank alike when any gradient is non-finite (read back with `engine.was_step_applied()`).
+    `mix` (timm's Mixup, from `make_mixup`) blends each micro batch's images in fp32 and turns its labels
+    into the soft targets `loss_fn` expects; its draws come from numpy's global RNG, which checkpoints save
+    per rank. DeepSpeed accumulates gradients until the last micro batch and then steps, or skips the update
+    on every rank alike when any gradient is non-finite (read back with `engine.was_step_applied()`).
     """
     losses = []
     for images, labels in batches:
         images = images.to(engine.device, non_blocking=True)
         labels = labels.to(engine.device, non_blocking=True)
-        logits = engine(to_model_input(images, dtype))
+        inputs = to_model_input(images)
+        if mix is not None:
+            inputs, labels = mix(inputs, labels)
+        logits = engine(inputs.to(dtype))
         loss = loss_fn(logits.float(), labels)
         engine.backward(loss)
         engine.step()
@@ -145,211 +209,206 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-# ---------------------------------------------------------------- the loop
+def evaluated_module(engine, average: ParamAverage | None, model_cfg: ModelConfig) -> nn.Module:
+    """What evaluation scores: the parameter average when optim.ema_decay is set, else the trained module."""
+    return engine.module if average is None else average.module(model_cfg)
 
 
-def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = None) -> dict:
-    """Train `model` (by default a new one from cfg.model) on cfg.data.train; returns the final figures."""
-    from vit_scale.data.loader import make_loader
+def run_hooks(
+    hooks: Sequence[Hook], step: int, engine, average: ParamAverage | None, model_cfg: ModelConfig
+) -> list[dict]:
+    """The figures of the hooks due at `step`, all run on one evaluated module."""
+    due = [hook for hook in hooks if step % hook.every == 0]
+    if not due:
+        return []
+    # Evaluation must not move the training RNG, or a resume that lands between two evaluations would
+    # draw different dropout masks and mixup from the uninterrupted run.
+    saved_rng = commit.rng_state()
+    model = evaluated_module(engine, average, model_cfg)
+    figures = [hook.run(model) for hook in due]
+    commit.set_rng_state(saved_rng)
+    engine.train()
+    return figures
 
-    run_dir = Path(run_dir)
-    init_distributed(cfg)
-    r, world = rank(), world_size()
-    validate(cfg, world)
-    micro, accum = resolve_batch(cfg.train, world)
 
-    # ---- data
-    def train_loader(seed: int):
-        return make_loader(
-            cfg.data.train,
-            cfg.data,
-            train=True,
-            img_size=cfg.model.img_size,
-            batch_size=micro,
-            rank=r,
-            world_size=world,
-            seed=seed,
-        )
+def resume(
+    cfg: Config,
+    engine,
+    run_dir: Path,
+    loader,
+    new_loader: Callable[[int], object],
+    average: ParamAverage | None = None,
+):
+    """(counters, data stream) to continue with, after loading the newest committed checkpoint of
+    cfg.resume (by default of run_dir) into `engine` (and `average`); a fresh run gets new counters and
+    `loader`.
 
-    loader = train_loader(cfg.train.seed)
-    steps = total_steps(cfg, loader.num_samples)
-    multi = cfg.data.labels == "multi"
-    if multi and loader.num_classes != cfg.model.num_classes:
-        raise ConfigError(
-            f"{cfg.data.train} has {loader.num_classes} classes but model.num_classes={cfg.model.num_classes};"
-            f" set model.num_classes={loader.num_classes}"
-        )
-    if not multi and loader.num_classes > cfg.model.num_classes:
-        raise ConfigError(
-            f"{cfg.data.train} has {loader.num_classes} classes but model.num_classes={cfg.model.num_classes}"
-            f" is smaller; set model.num_classes={loader.num_classes}"
-        )
-
-    # ---- model and engine (the same initial weights on every rank)
-    seed_everything(cfg.train.seed)
-    if model is None:
-        model = build_model(cfg.model)
-    model.to(device())
-    engine, _, _ = build_engine(cfg, model, world, steps)
-    seed_everything(cfg.train.seed * 1000 + r + 1)  # dropout / drop path differ between ranks
-
-    # ---- resume
-    counters = Counters()
-    source = Path(cfg.resume) if cfg.resume else run_dir
-    chosen = commit.select_everywhere(source)
+    The same number of processes continues every rank's data position and RNGs exactly. A checkpoint
+    written by another number gets new data and random streams for this layout (`new_loader(seed)`), under
+    a seed kept in the checkpoints that follow.
+    """
+    chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir)
     for note in chosen.notes:
         on_rank0(print, f"vit-scale: {note}", file=sys.stderr)
     if cfg.resume and chosen.path is None:
         raise UserError(f"resume={cfg.resume}: no committed checkpoint there")
-    if chosen.path is not None:
-        saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
-        counters = Counters(**saved)
-        on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
-        if own is not None:
-            if counters.stream_seed is not None:  # the streams of an earlier change of layout
-                loader = train_loader(counters.stream_seed)
-            loader.load_state_dict(own["data"])
-            commit.set_rng_state(own["rng"])
-        else:  # written by another number of processes: new data and random streams for this layout
-            counters.stream_seed = reseed_for(cfg.train.seed, world, counters.step)
-            loader = train_loader(counters.stream_seed)
-            seed_everything(counters.stream_seed * 1000 + r + 1)
-            before = commit.read_manifest(chosen.path)["world_size"]
-            on_rank0(
-                print,
-                f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
-                f"optimizer state and schedule were re-sharded for {world}; the data order and random streams "
-                f"start afresh for the new layout (samples already seen in the current epoch may be seen "
-                f"again), so this run will not match an uninterrupted one bit for bit",
-                file=sys.stderr,
-            )
+    if chosen.path is None:
+        return Counters(), loader
+    saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
+    if average is not None:
+        average.restore(own, chosen.path)
+    counters = Counters(**saved)
+    on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
+    if own is not None:
+        if counters.stream_seed is not None:  # the streams of an earlier change of layout
+            loader = new_loader(counters.stream_seed)
+        loader.load_state_dict(own["data"])
+        commit.set_rng_state(own["rng"])
+        return counters, loader
+    world = world_size()
+    counters.stream_seed = reseed_for(cfg.train.seed, world, counters.step)
+    loader = new_loader(counters.stream_seed)
+    seed_everything(counters.stream_seed * 1000 + rank() + 1)
+    before = commit.read_manifest(chosen.path)["world_size"]
+    on_rank0(
+        print,
+        f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
+        f"optimizer state and schedule were re-sharded for {world}; the data order and random streams "
+        f"start afresh for the new layout (samples already seen in the current epoch may be seen "
+        f"again), so this run will not match an uninterrupted one bit for bit",
+        file=sys.stderr,
+    )
+    return counters, loader
 
-    # ---- logging
+
+def open_metrics(cfg: Config, run_dir: Path, counters: Counters) -> metrics.MetricsLog | None:
+    """Rank 0's metrics.jsonl and wandb run (None elsewhere), continuing the wandb run and the chain of
+    job ids that the counters carry across requeues; this job joins the chain."""
     job = os.environ.get("VIT_SCALE_JOB_ID")
     if job and job not in counters.job_ids:
         counters.job_ids.append(job)
-    log = None
-    if is_rank0():
-        log = metrics.MetricsLog(
-            run_dir,
-            to_dict(cfg),
-            wandb_setting=cfg.logging.wandb,
-            project=cfg.logging.project,
-            entity=cfg.logging.entity,
-            run_name=cfg.run.name,
-            run_id=counters.wandb_id,
-            job_ids=counters.job_ids,
-            resume_step=counters.step,
-        )
-        counters.wandb_id = log.run_id
-    flops_per_image = train_flops(
-        model_dims(cfg.model), cfg.model.img_size, cfg.model.num_classes, cfg.model.pool != "avg"
+    if not is_rank0():
+        return None
+    log = metrics.MetricsLog(
+        run_dir,
+        to_dict(cfg),
+        wandb_setting=cfg.logging.wandb,
+        project=cfg.logging.project,
+        entity=cfg.logging.entity,
+        run_name=cfg.run.name,
+        run_id=counters.wandb_id,
+        job_ids=counters.job_ids,
+        resume_step=counters.step,
     )
-    peak = metrics.peak_tflops(cfg.logging.peak_tflops)
-    fewshot = fewshot_metrics if cfg.eval.fewshot_every_steps > 0 else None
+    counters.wandb_id = log.run_id
+    return log
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: Config,
+    run_dir: str | os.PathLike,
+    batch: Batch,
+    model: nn.Module | None = None,
+    hooks: Sequence[Hook] = (),
+) -> dict:
+    """Train `model` (by default a new one from cfg.model) on cfg.data.train, running the caller's `hooks`
+    at their steps; returns the final figures. `batch` is what `validate(cfg, world_size)` returned."""
+    from vit_scale.data.loader import make_loader
+
+    run_dir, m, ck = Path(run_dir), cfg.model, cfg.checkpoint
+    init_distributed(cfg)
+    r, world, micro = rank(), world_size(), batch.micro_batch_per_rank
+    if world != batch.world_size:
+        raise ConfigError(f"the settings were validated for {batch.world_size} processes but {world} run")
+
+    # ---- build: data, then model and engine (the same initial weights on every rank)
+    def train_loader(seed: int):
+        kw = dict(train=True, img_size=m.img_size, batch_size=micro, rank=r, world_size=world, seed=seed)
+        return make_loader(cfg.data.train, cfg.data, **kw)
+
+    loader = train_loader(cfg.train.seed)
+    steps = total_steps(cfg, loader.num_samples)
+    check_classes(cfg, loader.num_classes)
+    seed_everything(cfg.train.seed)
+    if model is None:
+        model = build_model(m)
+    model.to(device())
+    engine, _, _ = build_engine(cfg, model, batch, steps)
+    average = ParamAverage(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    seed_everything(cfg.train.seed * 1000 + r + 1)  # dropout / drop path differ between ranks
+
+    # ---- resume
+    counters, loader = resume(cfg, engine, run_dir, loader, train_loader, average)
+    log = open_metrics(cfg, run_dir, counters)
+    flops = train_flops(model_dims(m), m.img_size, m.num_classes, m.pool != "avg")
+    window = metrics.Window(world, loader.num_samples, flops, metrics.peak_tflops(cfg.logging.peak_tflops))
+
+    def emit(record: dict) -> None:
+        if log is not None:
+            log.log(record)
 
     def save(reason: str) -> float:
         t0 = time.perf_counter()
-        commit.save(
-            engine,
-            run_dir,
-            counters.step,
-            asdict(counters),
-            {"rng": commit.rng_state(), "data": loader.state_dict()},
-            config=to_dict(cfg),
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-        )
+        own = {"rng": commit.rng_state(), "data": loader.state_dict()}
+        if average is not None:
+            own[AVERAGE] = average.state_dict()
+        kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every)
+        commit.save(engine, run_dir, counters.step, asdict(counters), own, **kw)
         seconds = time.perf_counter() - t0
-        if log is not None:
-            log.log({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
+        emit({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
         return seconds
 
     # ---- steps
-    loss_fn = loss_function(cfg)
-    dtype = model_dtype(cfg)
+    loss_fn, dtype = loss_function(cfg), model_dtype(cfg)
+    mix = make_mixup(cfg.data.mixup, cfg.data.cutmix, m.num_classes, cfg.optim.label_smoothing)
+    policy = CheckpointPolicy(ck.every_steps, ck.every_minutes, job_deadline(), counters.step)
     watch = PreemptionWatch()
     data_iter = iter(loader)
-    window = Window()
-    last_save_time, last_save_s, last_saved_step = time.monotonic(), 0.0, counters.step
-    step_s = 0.0
-    progress = _progress(cfg, steps, counters.step)
+    progress = Progress(cfg.logging.progress and is_rank0(), steps, counters.step)
     engine.train()
     try:
         while counters.step < steps:
             t0 = time.perf_counter()
-            batches = [next(data_iter) for _ in range(accum)]
+            batches = [next(data_iter) for _ in range(batch.grad_accum)]
             t_data = time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
-            loss = train_step(engine, batches, loss_fn, dtype)
+            loss = train_step(engine, batches, loss_fn, dtype, mix)
             applied = engine.was_step_applied()
-            counters.step += 1
-            counters.samples += cfg.train.global_batch
-            counters.skipped_steps += not applied
-            counters.consecutive_skips = 0 if applied else counters.consecutive_skips + 1
+            counters.advance(applied, cfg.train.global_batch)
+            if average is not None and applied:
+                average.update()
             window.add(loss, time.perf_counter() - t0, t_data, lr)
             if counters.consecutive_skips >= cfg.train.max_consecutive_skips:
-                raise TrainingHalted(
-                    f"{counters.consecutive_skips} consecutive steps had non-finite loss or gradients (up to "
-                    f"step {counters.step}); nothing was updated or checkpointed since. Lower optim.lr, raise "
-                    "schedule.warmup_steps, or use precision.dtype=fp32 / bf16 instead of fp16"
-                )
-
+                raise TrainingHalted.after(counters.consecutive_skips, counters.step)
             if counters.step % cfg.logging.every_steps == 0 or counters.step == steps:
-                record = window.record(counters, engine, loader.num_samples, world, flops_per_image, peak)
-                step_s = record.pop("_step_s")
-                if log is not None:
-                    log.log(record)
-            if fewshot is not None and counters.step % cfg.eval.fewshot_every_steps == 0:
-                # Evaluation must not move the training RNG, or a resume that lands between two
-                # evaluations would draw different dropout masks from the uninterrupted run.
-                saved_rng = commit.rng_state()
-                extra = fewshot(engine.module, cfg, r, world)
-                commit.set_rng_state(saved_rng)
-                engine.train()
-                if log is not None:
-                    log.log({"step": counters.step, **extra})
-            if progress is not None:
-                progress.update(counters.step)
-
-            every = cfg.checkpoint.every_steps
-            due = every > 0 and counters.step % every == 0 and counters.step < steps
-            to_next = (every - counters.step % every) * step_s if every > 0 else float("inf")
-            minutes = cfg.checkpoint.every_minutes
-            if minutes > 0:
-                to_next = min(to_next, last_save_time + 60 * minutes - time.monotonic())
+                emit(window.record(engine, counters.step, counters.samples, counters.skipped_steps))
+            for figures in run_hooks(hooks, counters.step, engine, average, m):
+                emit({"step": counters.step, **figures})
+            progress.update(counters.step)
             if counters.step == steps:
                 break  # done: the final save below, whatever was requested meanwhile
-            # The deadline test asks: would the run still be writing its next checkpoint at the deadline?
-            # Without a checkpoint schedule, "next" is one more step and a save.
-            horizon = (to_next if math.isfinite(to_next) else 0.0) + step_s + last_save_s
-            timed, stop = agree(
-                minutes > 0 and time.monotonic() - last_save_time >= 60 * minutes,
-                watch.stop_requested(horizon),
-            )
+            near = policy.deadline_near(counters.step, window.step_s)
+            due, stop = agree(policy.save_due(counters.step), watch.requested or near)
             if stop:
-                if counters.step > last_saved_step:
+                if policy.unsaved(counters.step):
                     save("preempt")
-                raise Preempted(f"stopped at step {counters.step} for requeue: {watch.reason or 'requested'}")
-            if due or timed:
-                last_save_s = save("interval")
-                last_save_time, last_saved_step = time.monotonic(), counters.step
-        if cfg.checkpoint.save_final and counters.step > last_saved_step:
+                why = watch.reason or (DEADLINE_REASON if near else "requested")
+                raise Preempted(f"stopped at step {counters.step} for requeue: {why}")
+            if due:
+                policy.saved(counters.step, save("interval"))
+        if ck.save_final and policy.unsaved(counters.step):
             save("final")
     except RuntimeError as e:
         if not PeerLost.matches(e):
             raise
-        detail = str(e).strip().splitlines()[-1][-200:]
-        raise PeerLost(
-            f"rank {r} at step {counters.step + 1}: a collective operation failed ({detail}). Another rank is "
-            f"frozen or has died; parallel.timeout_minutes={cfg.parallel.timeout_minutes:g} bounds how long the "
-            f"others wait for it. Run the same command again to resume from the last committed checkpoint"
-        ) from None
+        raise PeerLost.at_step(e, r, counters.step + 1, cfg.parallel.timeout_minutes) from None
     finally:
         data_iter.close()  # stops the DataLoader workers now, whether the loop ended or raised
         watch.restore()
-        if progress is not None:
-            progress.close()
+        progress.close()
         if log is not None:
             log.close()
     return {
@@ -360,80 +419,5 @@ def train(cfg: Config, run_dir: str | os.PathLike, model: nn.Module | None = Non
         "images_per_s": window.last_images_per_s,
         "bad_samples": loader.bad_samples,
         "run_dir": str(run_dir),
+        "model": evaluated_module(engine, average, m),  # what evaluation after training should score
     }
-
-
-class Window:
-    """Per-step figures since the last logging step; losses stay on the device until they are logged."""
-
-    def __init__(self):
-        self.losses: list[torch.Tensor] = []
-        self.seconds = 0.0
-        self.data_seconds = 0.0
-        self.last_loss: float | None = None
-        self.last_images_per_s: float | None = None
-        self.lr = 0.0
-
-    def add(self, loss: torch.Tensor, seconds: float, data_seconds: float, lr: float) -> None:
-        self.losses.append(loss)
-        self.lr = lr
-        self.seconds += seconds
-        self.data_seconds += data_seconds
-
-    def record(
-        self, c: Counters, engine, num_samples: int, world: int, flops_per_image: float, peak: float | None
-    ) -> dict:
-        steps = len(self.losses)
-        local = torch.stack(self.losses).float()
-        if dist.is_initialized() and world > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
-            local /= world
-        finite = [v for v in local.tolist() if math.isfinite(v)]
-        loss = sum(finite) / len(finite) if finite else None
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
-        images = steps * engine.train_batch_size()
-        rec = {
-            "step": c.step,
-            "epoch": c.samples / num_samples if num_samples > 0 else None,
-            "samples": c.samples,
-            "loss": loss,
-            "lr": self.lr,
-            "grad_norm": grad_norm,
-            "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0)),
-            "skipped_steps": c.skipped_steps,
-            **metrics.throughput(images, self.seconds, self.data_seconds, world, flops_per_image, peak),
-            "peak_mem_gb": metrics.peak_memory_gb(),
-            "_step_s": self.seconds / steps,
-        }
-        self.last_loss, self.last_images_per_s = loss, rec["images_per_s"]
-        self.losses, self.seconds, self.data_seconds = [], 0.0, 0.0
-        return rec
-
-
-class _Progress:
-    def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self._p = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._p.start()
-        self._task = self._p.add_task("train", total=total, completed=done)
-
-    def update(self, step: int) -> None:
-        self._p.update(self._task, completed=step)
-
-    def close(self) -> None:
-        self._p.stop()
-
-
-def _progress(cfg: Config, total: int, done: int) -> _Progress | None:
-    """A progress line on rank 0 of interactive runs; batch jobs read metrics.jsonl instead."""
-    if not (cfg.logging.progress and is_rank0() and sys.stderr.isatty()):
-        return None
-    return _Progress(total, done)

@@ -1,8 +1,9 @@
 """Preemption: signals and a known job end time become a checkpoint and a "requeue me" exit.
 
 A signal handler only sets a flag (checkpointing inside a handler can deadlock or tear files). At the
-next step boundary every rank contributes its flag to one all-reduce (in the loop), so all ranks stop
-together, after one committed checkpoint.
+next step boundary every rank contributes its flag, and whether the job's deadline is near
+(`vit_scale.checkpoint.policy`), to one all-reduce (in the loop), so all ranks stop together, after one
+committed checkpoint.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 # Exit status meaning "saved and stopped early; requeue this job" (EX_TEMPFAIL). slurm/ templates requeue on it.
 REQUEUE_EXIT_CODE = 75
 DEADLINE_ENV = "VIT_SCALE_DEADLINE"  # unix seconds; launch/env.py sets it from the SLURM job's end time
+DEADLINE_REASON = f"{DEADLINE_ENV} would pass before the next checkpoint"
 
 
 class Preempted(Exception):
@@ -23,15 +24,19 @@ class Preempted(Exception):
     exit_code = REQUEUE_EXIT_CODE
 
 
+def job_deadline() -> float | None:
+    """The job's end time in unix seconds, when the launcher knows one."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    return float(deadline) if deadline else None
+
+
 class PreemptionWatch:
-    """Flags SIGUSR1 / SIGTERM and a deadline that the next checkpoint interval would cross."""
+    """Flags SIGUSR1 / SIGTERM: `requested` is this rank's wish to stop, `reason` the signal's name."""
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.requested = False
         self.reason = ""
         self._previous = {}
-        deadline = os.environ.get(DEADLINE_ENV)
-        self.deadline = float(deadline) if deadline else None
         if threading.current_thread() is not threading.main_thread():
             return  # Python delivers signals to the main thread only; a caller elsewhere keeps its own
         for sig in signals:
@@ -45,11 +50,3 @@ class PreemptionWatch:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    def stop_requested(self, seconds_to_next_checkpoint: float) -> bool:
-        """This rank's wish to stop now: a signal arrived, or the deadline falls before the next checkpoint
-        could be written. The loop all-reduces it with the other ranks' wishes."""
-        if self.deadline is not None and time.time() + seconds_to_next_checkpoint >= self.deadline:
-            self.reason = self.reason or f"{DEADLINE_ENV} would pass before the next checkpoint"
-            return True
-        return self.requested
