@@ -68,7 +68,7 @@ class Knobs:
     per_class: int | None = None  # instances per class (default: the corpus's)
     pretrain_size: int = 24  # pretraining resolution (px)
     finetune_size: int = 32  # fine-tuning resolution (px): higher, so position embeddings are resampled
-    pretrain_steps: int = 800
+    pretrain_steps: int | None = None  # default: the corpus recipe's train.steps
     finetune_steps: int = 400
     nproc: int = 2  # local processes for pretraining (ZeRO-2 shards optimizer state and gradients over them)
     workers: int | None = None  # processes for corpus generation (default: all cores)
@@ -546,7 +546,9 @@ def _parser() -> Parser:
         default=d.finetune_size,
         help=f"fine-tuning px (default {d.finetune_size})",
     )
-    p.add_argument("--pretrain-steps", type=at_least(1), default=d.pretrain_steps, help=f"default {d.pretrain_steps}")
+    p.add_argument(
+        "--pretrain-steps", type=at_least(1), default=None, help="default: the corpus recipe's train.steps"
+    )
     p.add_argument(
         "--finetune-steps",
         type=at_least(1),
@@ -572,6 +574,10 @@ def main(argv: list[str]) -> int:
         raise UserError(
             f"demo: its recipes {CONFIGS} are missing; run it from a source checkout (`pip install -e .`)"
         )
+    if knobs.pretrain_steps is None:
+        from vit_scale.config.loader import load_config
+
+        knobs.pretrain_steps = load_config(corpus.config, []).train.steps
     from vit_scale.io import atomic_write_json
 
     demo = Demo(knobs)
