@@ -17,10 +17,11 @@ launcher), so a stage sees what a user typing the command would, and one stage's
 into the next; the other stages call the library in this process. A stage that fails is reported with
 its error, and the stages that need its output are skipped.
 
-The size knobs (see `vit-scale demo --help`) scale every stage. With the defaults, measured 2026-11-26 on
-a 2-core AMD EPYC VM shared with other work (load ~3.5): corpora 24 s, pretraining 273 s (250 images/s),
-each fine-tune about 220 s, each few-shot 13 s, 12.8 minutes in all. Pretraining and fine-tuning time scale
-with --pretrain-steps and --finetune-steps; the corpus with --classes x --per-class.
+The size knobs (see `vit-scale demo --help`) scale every stage. With the defaults, measured 2026-11-30 on
+the 2-core AMD EPYC VM shared with other jobs (load average 6-8): glyphs 40 s, pretraining 429 s
+(147 images/s), each fine-tune about 155 s, each few-shot 10 s, 13.6 minutes in all, 608 CPU-seconds.
+Pretraining and fine-tuning time scale with --pretrain-steps and --finetune-steps; the corpus with
+--classes x --per-class.
 """
 
 from __future__ import annotations
