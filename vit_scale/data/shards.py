@@ -342,6 +342,11 @@ def read_index(directory: str | os.PathLike) -> dict:
             f"{directory} has no {INDEX_NAME}; build shards with `vit-scale shards build` "
             "or name the shard files with a brace pattern"
         )
+    return read_index_file(path)
+
+
+def read_index_file(path: Path) -> dict:
+    """A shard index (an index.json, or a shard list from `vit-scale shards count`) read from its file."""
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
