@@ -263,8 +263,9 @@ def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exact
     tmp_path, shards, reference
 ):
     """The reference's step-20 checkpoint (2 ranks, ZeRO-1) resumed by 1 process: weights, Adam state and
-    schedule arrive whole through DeepSpeed's universal checkpoint; the data and random streams restart for
-    the new layout under a seed recorded in the checkpoint, so a later resume of the 1-process run is exact."""
+    schedule arrive whole through DeepSpeed's universal checkpoint; the data continues the interrupted epoch
+    (each sample once) and the random streams restart for the new layout, and a later resume of the
+    1-process run is exact."""
     step20 = reference / "checkpoints" / "step_000000020"
     loaded = subprocess.run(
         [
@@ -303,6 +304,21 @@ def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exact
     assert (
         json.loads((one / "checkpoints" / "step_000000040" / "manifest.json").read_text())["world_size"] == 1
     )
+    # 64 samples an epoch, 8 a step: step 20 stopped halfway through epoch 2 (positions 128..191 of the
+    # global order). The one process finished it in its first 4 steps, then went on: what the step-30
+    # checkpoint has consumed is [0, 192) whole and 48 positions of epoch 3, 240 in all, none twice.
+    from vit_scale.data.loader import merge_states
+    from vit_scale.data.streams import length, subtract_intervals
+
+    def consumed(ckpt: Path) -> list[tuple[int, int]]:
+        states = [torch.load(f, weights_only=False)["data"] for f in sorted(ckpt.glob("rank_*.pt"))]
+        basis = merge_states(states)["bases"][0]
+        return subtract_intervals([(0, basis["frontier"])], [tuple(h) for h in basis["holes"]])
+
+    at20 = consumed(step20)
+    assert length(at20) == 160 and at20[0] == (0, at20[0][1]) and 128 <= at20[0][1] < 160
+    at30 = consumed(one / "checkpoints" / "step_000000030")
+    assert length(at30) == 240 and at30[0][0] == 0 and at30[0][1] >= 192
 
     proc = h.pretrain(again, shards, *args, f"resume={one / 'checkpoints' / 'step_000000030'}", nproc=0)
     assert proc.returncode == 0, h.tail(proc)
@@ -440,7 +456,7 @@ def test_mixup_and_cutmix_mix_the_images_and_targets_of_each_training_step(tmp_p
     from timm.loss import SoftTargetCrossEntropy
 
     from vit_scale.config import load_config
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
     from vit_scale.data.transforms import make_mixup, to_model_input
 
     args = [f"data.train={shards}", "train.steps=6", "data.workers=0", "optim.label_smoothing=0.1", *MIXING]
