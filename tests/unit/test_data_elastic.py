@@ -91,6 +91,12 @@ def test_a_basis_with_holes_is_read_first_and_its_epoch_finished_in_the_first_pa
     assert (k, start, share) == (0, 0, (2 + 8 + 30) // 4)
     assert plan.to_global(0, 12) == [(3, 5), (52, 60), (70, 72)]
     assert plan.to_global(9, 11) == [(59, 60), (70, 71)]
+    # More holes than the frontier's epoch has consumed: still the holes, then the rest of that epoch.
+    late = Plan(GlobalOrder(shards, 0), Basis(frontier=103, holes=[(40, 50), (60, 70), (80, 90)]), 4)
+    assert next(late.passes()) == (0, 0, (30 + 47) // 4)
+    # A frontier on an epoch boundary: the holes alone make the first pass, or a whole epoch without holes.
+    assert next(Plan(GlobalOrder(shards, 0), Basis(frontier=100, holes=[(90, 98)]), 4).passes())[2] == 2
+    assert next(Plan(GlobalOrder(shards, 0), Basis(frontier=100), 4).passes())[2] == 50 // 4
 
 
 # ---------------------------------------------------------------- reading ranges of one shard

@@ -170,8 +170,11 @@ class Plan:
         self.order, self.basis, self.consumers = order, basis, consumers
         self.hole_starts = [0, *itertools.accumulate(b - a for a, b in basis.holes)]
         held, total, frontier = self.hole_starts[-1], order.total, basis.frontier
-        # The first epoch boundary of R after its start: the end of the epoch the frontier is in.
-        self.first_end = held + ((frontier - held) // total + 1) * total - frontier
+        # The first epoch boundary of R after its start: after the holes, the end of the frontier's epoch
+        # (a frontier on a boundary with no holes before it starts a whole epoch).
+        self.first_end = held + -(-frontier // total) * total - frontier if total else 0
+        if self.first_end == 0:
+            self.first_end = total
 
     def passes(self) -> Iterator[tuple[int, int, int]]:
         """(pass k, its start s_k in R, each worker's share q_k), endlessly."""
