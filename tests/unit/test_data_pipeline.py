@@ -368,6 +368,11 @@ def test_http_source_through_a_local_server(corpus):
         url = f"http://127.0.0.1:{server.server_port}/shard-{{000000..000011}}.tar"
         loader = make_loader(url, DataConfig(workers=0), train=False, img_size=IMG, batch_size=16)
         assert sorted(labels_of(loader)) == list(range(N))
+        # The served index.json gives the counts exact-mode training needs, without a counting pass.
+        index = f"http://127.0.0.1:{server.server_port}/index.json"
+        train = make_loader(index, DataConfig(workers=0, shuffle_buffer=3), train=True, img_size=IMG, batch_size=8)
+        assert train.num_samples == N
+        assert sorted(labels_of(take(train, N // 8))) == list(range(N))
     finally:
         server.shutdown()
         server.server_close()

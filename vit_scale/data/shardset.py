@@ -1,8 +1,8 @@
 """Shard sets: which tar files a source names, in a fixed order, with their sample counts when known.
 
 A source is a shard directory with index.json, a path or brace pattern, a `pipe:`/http(s) URL, a shard
-list (a `.json` file: an index.json, or what `vit-scale shards count` writes for sources without one), or
-an `A::B` mixture of those. Counts come from the index, checked against local files, so the streams can
+list (a `.json` file: an index.json, or what `vit-scale shards count` writes for sources without one), an
+index.json served over http(s) (its shards beside it), or an `A::B` mixture of those. Counts come from the index, checked against local files, so the streams can
 split an epoch at sample granularity and skip whole epochs by arithmetic on resume. Exact-mode training
 needs them; `count_shards` reads a source once to write them down.
 """
@@ -20,6 +20,7 @@ from vit_scale.data.shards import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_NAME,
+    parse_index,
     parse_labels,
     read_index,
     read_index_file,
@@ -90,6 +91,26 @@ def _from_shard_list(path: Path) -> ShardSet:
     return ShardSet(str(path), urls, counts, int(index.get("num_classes", 0)), index.get("labels", ""))
 
 
+def _from_remote_index(url: str) -> ShardSet:
+    """An index.json served over http(s) (or any URL `gopen` reads): its shards by name, beside it."""
+    try:
+        stream = gopen(url)
+        try:
+            text = stream.read().decode()
+        finally:
+            stream.close()
+    except Exception as e:  # noqa: BLE001 - any failure to fetch it is one message
+        raise UserError(f"cannot read the shard index {url}: {e}") from None
+    index = parse_index(text, url)
+    base = url.rsplit("/", 1)[0]
+    shards = index["shards"]
+    if not shards or not all("name" in s for s in shards):
+        raise UserError(f"{url} lists no shards by name; serve the index.json `vit-scale shards build` wrote")
+    urls = [f"{base}/{s['name']}" for s in shards]
+    counts = [int(s["samples"]) for s in shards]
+    return ShardSet(url, urls, counts, int(index.get("num_classes", 0)), index.get("labels", ""))
+
+
 def resolve_shards(spec: str) -> ShardSet:
     """A shard set from a directory with index.json, a `.json` shard list, a path or brace pattern, or a
     pipe:/http(s) URL."""
@@ -101,6 +122,8 @@ def resolve_shards(spec: str) -> ShardSet:
         raise UserError(f"shard source {spec} does not exist; build it with `vit-scale shards build`")
     if not _is_remote(spec) and path.is_file() and path.suffix == ".json":
         return _from_shard_list(path)
+    if _is_remote(spec) and not spec.startswith("pipe:") and spec.endswith(".json"):
+        return _from_remote_index(spec)
     if not _is_remote(spec) and "{" not in spec and path.is_dir():
         index = read_index(path)
         names = [s["name"] for s in index["shards"]]
