@@ -526,3 +526,23 @@ def test_eval_every_steps_scores_data_val_on_all_ranks_without_moving_the_traini
     scored = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
     (row,) = scored.values()
     assert (row["top1"], row["top5"]) == (val[6]["val/top1"], val[6]["val/top5"])
+
+
+def test_a_pipe_source_trains_on_two_ranks_once_counted(tmp_path, shards):
+    """`pipe:cat` shards have no index: exact-mode pretraining refuses them with the way out (exit 2, one
+    line, before any step), and on the shard list `vit-scale shards count` writes both ranks train."""
+    from vit_scale.cli import main as cli
+
+    pipe = f"pipe:cat {shards}/shard-{{000000..000003}}.tar"
+    proc = h.pretrain(tmp_path / "raw", pipe, "train.steps=2", "data.workers=0", nproc=0)
+    assert proc.returncode == 2, h.tail(proc)
+    assert "gives no sample counts" in proc.stderr and "vit-scale shards count" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    listed = tmp_path / "train.json"
+    assert cli(["shards", "count", pipe, "--out", str(listed)]) == 0
+    proc = h.pretrain(tmp_path / "run", listed, "train.steps=6", "checkpoint.every_steps=0")
+    assert proc.returncode == 0, h.tail(proc)
+    # The same shards by another road, the same samples in the same order: the golden losses (the first 6
+    # steps do not depend on the run's length, see the eval.every_steps test).
+    assert [h.losses(tmp_path / "run")[s] for s in range(1, 7)] == GOLDEN_30[:6]
