@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard source: directory with index.json, brace pattern, pipe:..., or A::B mixture
+    train: str = ""  # shard source: dir with index.json, .json shard list, pattern, pipe:..., or A::B mixture
     val: str = ""
     test: str = ""
     mode: Literal["exact", "resampled"] = "exact"  # exact: each sample once per epoch, resumable
