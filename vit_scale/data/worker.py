@@ -17,13 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vit_scale.config.schema import DataConfig
 from vit_scale.data.shards import parse_labels
 from vit_scale.data.streams import BAD, EmptyStream, EpochStream, derive_seed
-from vit_scale.data.transforms import (
-    IMAGE_EXTS,
-    decode_rgb,
-    eval_transform,
-    make_randaugment,
-    train_transform,
-)
+from vit_scale.data.transforms import IMAGE_EXTS, eval_decode, make_randaugment, train_decode
 
 
 class WorkerStreams(IterableDataset):
@@ -88,14 +82,18 @@ class WorkerStreams(IterableDataset):
         if ext is None:
             raise ValueError("no image member")
         label = self._label(sample)
-        img = decode_rgb(sample[ext])
         if self.train and self.cfg.augment == "inception":
             rng = random.Random(derive_seed(self.seed, "aug", p, position))
-            img = train_transform(
-                img, self.img_size, rng, area_min=self.cfg.crop_area_min, hflip=self.cfg.hflip, randaugment=ra
+            img = train_decode(
+                sample[ext],
+                self.img_size,
+                rng,
+                area_min=self.cfg.crop_area_min,
+                hflip=self.cfg.hflip,
+                randaugment=ra,
             )
         else:
-            img = eval_transform(img, self.img_size)
+            img = eval_decode(sample[ext], self.img_size)
         return img, label
 
     def _new_batch(self, in_worker: bool) -> torch.Tensor:
