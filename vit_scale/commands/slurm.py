@@ -157,13 +157,13 @@ def _cpus(args, workers: int) -> int:
     return cpus
 
 
-def _config(args, kind: str, world_size: int):
+def _config(args, kind: str, world_size: int, gpus: int):
     """The config as the job will load it, through the validation pass the job's ranks will run, for the
-    job's world size, before anything is queued."""
+    job's world size and GPUs, before anything is queued."""
     from vit_scale.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
-    validate(cfg, world_size, kind)
+    validate(cfg, world_size, kind, cuda=gpus > 0)
     return cfg
 
 
@@ -191,7 +191,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
                 "the job would be told to stop as it starts; lower --signal-seconds or raise --time"
             )
         tasks_per_node = max(gpus, 1)
-        cfg = _config(args, kind, args.nodes * tasks_per_node)
+        cfg = _config(args, kind, args.nodes * tasks_per_node, gpus)
         run_dir = Path(args.run_dir or cfg.run.dir).resolve()
         command = _vit_scale(
             kind, _q(Path(args.config).resolve()), *map(shlex.quote, args.overrides), "--run-dir", _q(run_dir)
@@ -223,7 +223,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         from vit_scale.evaluate.vtab import check_tasks
 
         cfg = load_config(args.config, args.overrides)
-        check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1))  # what each array task checks
+        check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1), cuda=gpus > 0)  # as each array task
         run_dir = Path(args.run_dir or cfg.run.dir).resolve()
         name = _safe("--job-name", args.job_name or f"{cfg.run.name}-vtab")
         recipe = [_q(Path(args.config).resolve()), *map(shlex.quote, args.overrides)]

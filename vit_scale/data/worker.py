@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vit_scale.config.schema import DataConfig
+from vit_scale.data.gpudecode import EncodedBatch, encode_sample, pack
 from vit_scale.data.shards import parse_labels
 from vit_scale.data.streams import BAD, EmptyStream, EpochStream, derive_seed
 from vit_scale.data.transforms import IMAGE_EXTS, eval_decode, make_randaugment, train_decode
@@ -82,8 +83,12 @@ class WorkerStreams(IterableDataset):
         if ext is None:
             raise ValueError("no image member")
         label = self._label(sample)
-        if self.train and self.cfg.augment == "inception":
-            rng = random.Random(derive_seed(self.seed, "aug", p, position))
+        crop = self.train and self.cfg.augment == "inception"
+        rng = random.Random(derive_seed(self.seed, "aug", p, position)) if crop else None
+        if self.cfg.decode == "gpu":
+            area_min, hflip = self.cfg.crop_area_min, self.cfg.hflip
+            return encode_sample(sample[ext], self.img_size, rng, area_min=area_min, hflip=hflip), label
+        if crop:
             img = train_decode(
                 sample[ext],
                 self.img_size,
@@ -96,10 +101,23 @@ class WorkerStreams(IterableDataset):
             img = eval_decode(sample[ext], self.img_size)
         return img, label
 
-    def _new_batch(self, in_worker: bool) -> torch.Tensor:
+    def _new_batch(self, in_worker: bool) -> torch.Tensor | list:
+        if self.cfg.decode == "gpu":
+            return []  # (bytes, plan) per sample, packed when the batch is full
         images = torch.empty((self.batch_size, 3, self.img_size, self.img_size), dtype=torch.uint8)
         # Written in place in shared memory, a worker's batch crosses to the main process without a copy.
         return images.share_memory_() if in_worker else images
+
+    def _put(self, images: torch.Tensor | list, i: int, img) -> None:
+        if isinstance(images, list):
+            images.append(img)
+        else:
+            images[i].copy_(img)
+
+    def _full(self, images: torch.Tensor | list, n: int) -> torch.Tensor | EncodedBatch:
+        if isinstance(images, list):
+            return pack(images, self.img_size)
+        return images if n == len(images) else images[:n]
 
     def _labels(self, labels) -> torch.Tensor:
         return torch.stack(labels) if self.multi else torch.tensor(labels, dtype=torch.int64)
@@ -144,10 +162,10 @@ class WorkerStreams(IterableDataset):
                     )
                     return
                 continue
-            images[len(labels)].copy_(img)
+            self._put(images, len(labels), img)
             labels.append(label)
             if len(labels) == self.batch_size:
-                yield images, self._labels(labels), logical, position, bad
+                yield self._full(images, len(labels)), self._labels(labels), logical, position, bad
                 images, labels = self._new_batch(in_worker), []
         if labels:
-            yield images[: len(labels)], self._labels(labels), logical, position, bad
+            yield self._full(images, len(labels)), self._labels(labels), logical, position, bad
