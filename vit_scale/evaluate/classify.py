@@ -85,9 +85,9 @@ def score(model: nn.Module, cfg: Config, sources: dict[str, str], progress: bool
     its share. An fp32 copy is scored, so the result is the same whatever the engine did to the module
     (bf16 casting, ZeRO-3 partitioning)."""
     from vit_scale.dist import rank, world_size
-    from vit_scale.evaluate.common import eval_device, plain_copy
+    from vit_scale.evaluate.common import plain_copy
 
-    device = eval_device()
+    device = rank_device()
     scored = plain_copy(model, cfg.model, device, keep_head=True)
     img_size = cfg.eval.img_size or cfg.model.img_size
     return {
