@@ -19,6 +19,7 @@ import gc
 import importlib.util
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1024, help="distinct JPEGs in the corpus")
     p.add_argument("--size", default="500x375", help="WIDTHxHEIGHT of the corpus's JPEGs")
     p.add_argument("--measure", type=int, default=0, help="images to time per loader (default: 2 epochs)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of the two loaders; medians count"
+    )
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dir", default="", help="work directory (default: a temporary one)")
@@ -154,27 +158,34 @@ def main(argv: list[str] | None = None) -> int:
         if a.compare_decode:
             import torch
 
-            rows = [
-                ("vit-scale data.decode=cpu:", bench_ours(shards, measure, a.workers, a.batch)),
-                (
-                    f"vit-scale data.decode=gpu ({a.device}):",
-                    bench_ours(shards, measure, a.workers, a.batch, "gpu", torch.device(a.device)),
-                ),
+            names = ["vit-scale data.decode=cpu:", f"vit-scale data.decode=gpu ({a.device}):"]
+            loaders = [
+                lambda: bench_ours(shards, measure, a.workers, a.batch),
+                lambda: bench_ours(shards, measure, a.workers, a.batch, "gpu", torch.device(a.device)),
             ]
         else:
-            rows = [
-                ("torchvision ImageFolder+DataLoader:", bench_torchvision(root, measure, a.workers, a.batch)),
-                ("vit-scale shards pipeline:", bench_ours(shards, measure, a.workers, a.batch)),
+            names = ["torchvision ImageFolder+DataLoader:", "vit-scale shards pipeline:"]
+            loaders = [
+                lambda: bench_torchvision(root, measure, a.workers, a.batch),
+                lambda: bench_ours(shards, measure, a.workers, a.batch),
             ]
+        # Alternating rounds: on a shared machine the load drifts within minutes, and a ratio taken inside
+        # one round, both loaders under about the same load, is far steadier than either rate.
+        rounds = [[run() for run in loaders] for _ in range(max(1, a.rounds))]
     print(
         f"corpus: {a.images} JPEGs {width}x{height} q90, 224-px inception crop + flip, batch {a.batch}, "
-        f"{a.workers} workers, {measure} images timed per loader, {os.cpu_count()} CPUs visible, "
-        f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"
+        f"{a.workers} workers, {measure} images timed per loader, {len(rounds)} rounds, {os.cpu_count()} CPUs "
+        f"visible, load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
-    for name, (wall, per_cpu) in rows:
-        print(f"{name:36s}{wall:8.1f} images/s wall, {per_cpu:7.1f} images per CPU-second")
-    (base_wall, base_cpu), (wall, per_cpu) = rows[0][1], rows[1][1]
-    print(f"ratio: {wall / base_wall:.2f}x wall, {per_cpu / base_cpu:.2f}x per CPU-second")
+    for i, name in enumerate(names):
+        wall, per_cpu = (statistics.median(r[i][j] for r in rounds) for j in (0, 1))
+        print(f"{name:36s}{wall:8.1f} images/s wall, {per_cpu:7.1f} images per CPU-second  (median)")
+    ratios = [(r[1][0] / r[0][0], r[1][1] / r[0][1]) for r in rounds]
+    each = ", ".join(f"{cpu:.2f}" for _, cpu in ratios)
+    print(
+        f"ratio: {statistics.median(w for w, _ in ratios):.2f}x wall, "
+        f"{statistics.median(c for _, c in ratios):.2f}x per CPU-second (median of rounds; per round: {each})"
+    )
     return 0
 
 
