@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vit_scale.config.schema import DataConfig
+from vit_scale.data.gpudecode import EncodedBatch, decode_batch
 from vit_scale.data.shardset import ShardSet, resolve_source
 from vit_scale.data.streams import (
     Basis,
@@ -45,6 +46,7 @@ from vit_scale.data.streams import (
     subtract_intervals,
 )
 from vit_scale.data.worker import BadWindow, WorkerStreams
+from vit_scale.dist import device as rank_device
 from vit_scale.errors import UserError
 
 STATE_VERSION = 2
@@ -102,8 +104,16 @@ class ShardLoader:
     loaders make one pass per iteration, each sample once across all ranks, the last batch possibly short.
     """
 
-    def __init__(self, dataset: WorkerStreams, *, num_samples: int, num_batches: int):
+    def __init__(
+        self,
+        dataset: WorkerStreams,
+        *,
+        num_samples: int,
+        num_batches: int,
+        device: torch.device | None = None,
+    ):
         self._ds = dataset
+        self._device = device  # where data.decode=gpu decodes
         self.num_samples = num_samples
         self.num_classes = dataset.num_classes
         self.num_batches = num_batches  # evaluation loaders: batches this rank yields per pass; -1 unknown
@@ -150,6 +160,8 @@ class ShardLoader:
             ds.draws[logical] = draws
             ds.windows[logical] = window
             self.batches += 1
+            if isinstance(images, EncodedBatch):
+                images = decode_batch(images, self._device)
             yield images, labels
 
     def _settings(self) -> dict:
@@ -337,9 +349,11 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> ShardLoader:
     """A loader for one rank; refuses before any step what the shards make impossible (see module
-    docstring). The settings in `data` have passed the validation pass (`vit_scale.config.validate`)."""
+    docstring). The settings in `data` have passed the validation pass (`vit_scale.config.validate`).
+    With data.decode=gpu the batches are decoded on `device`, by default this rank's (`dist.device()`)."""
     if batch_size < 1:
         raise UserError(f"batch size must be positive, got {batch_size}")
     # Evaluation reads every source once, so a weighted mixture is evaluated as the concatenation.
@@ -382,4 +396,6 @@ def make_loader(
         ]
         num_batches = sum(-(-s.epoch_length(0) // batch_size) for s in streams)
     total = sum(s.num_samples for s in sets) if all(s.counts is not None for s in sets) else -1
-    return ShardLoader(ds, num_samples=total, num_batches=num_batches)
+    if data.decode == "gpu" and device is None:
+        device = rank_device()
+    return ShardLoader(ds, num_samples=total, num_batches=num_batches, device=device)

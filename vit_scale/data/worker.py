@@ -12,21 +12,15 @@ import random
 from collections import deque
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vit_scale.config.schema import DataConfig
+from vit_scale.data.gpudecode import EncodedBatch, encode_sample, pack
 from vit_scale.data.shards import parse_labels
 from vit_scale.data.streams import BAD, EmptyStream, EpochStream, plan_seed
-from vit_scale.data.transforms import (
-    IMAGE_EXTS,
-    center_transform,
-    decode_rgb,
-    eval_transform,
-    make_randaugment,
-    resize_transform,
-    train_transform,
-)
+from vit_scale.data.transforms import IMAGE_EXTS, eval_decode, make_randaugment, train_decode
 
 
 class WorkerStreams(IterableDataset):
@@ -106,24 +100,47 @@ class WorkerStreams(IterableDataset):
         if ext is None:
             raise ValueError("no image member")
         label = self._label(sample)
-        img = decode_rgb(sample[ext])
-        if not self.train:
-            return eval_transform(img, self.img_size, self.cfg.eval_crop), label
-        if self.cfg.augment == "inception":
-            rng = random.Random(plan_seed(self.seed, self.plan, "aug", p, position))
-            img = train_transform(
-                img, self.img_size, rng, area_min=self.cfg.crop_area_min, hflip=self.cfg.hflip, randaugment=ra
+        crop = self.train and self.cfg.augment == "inception"
+        rng = random.Random(plan_seed(self.seed, self.plan, "aug", p, position)) if crop else None
+        # Without a random crop: the whole image resized, or its centre (data.augment / data.eval_crop).
+        plain = ("center" if self.cfg.augment == "center" else "none") if self.train else self.cfg.eval_crop
+        if self.cfg.decode == "gpu":
+            area_min, hflip = self.cfg.crop_area_min, self.cfg.hflip
+            return encode_sample(
+                sample[ext], self.img_size, rng, area_min=area_min, hflip=hflip, crop=plain
+            ), label
+        if crop:
+            img = train_decode(
+                sample[ext],
+                self.img_size,
+                rng,
+                area_min=self.cfg.crop_area_min,
+                hflip=self.cfg.hflip,
+                randaugment=ra,
             )
-        elif self.cfg.augment == "resize":
-            img = resize_transform(img, self.img_size)
         else:
-            img = center_transform(img, self.img_size)
+            img = eval_decode(sample[ext], self.img_size, plain)
         return img, label
 
-    def _new_batch(self, in_worker: bool) -> torch.Tensor:
+    def _new_batch(self, in_worker: bool) -> torch.Tensor | list:
+        if self.cfg.decode == "gpu":
+            return []  # (bytes, plan) per sample, packed when the batch is full
         images = torch.empty((self.batch_size, 3, self.img_size, self.img_size), dtype=torch.uint8)
         # Written in place in shared memory, a worker's batch crosses to the main process without a copy.
         return images.share_memory_() if in_worker else images
+
+    def _put(self, images: torch.Tensor | list, i: int, img) -> None:
+        if isinstance(images, list):
+            images.append(img)
+        else:
+            # The image is channels-last from the resize; numpy transposes it into the batch's CHW slot about
+            # twice as fast as torch's copy_ (0.05 against 0.10 ms at 224 px).
+            np.copyto(images[i].numpy(), img.numpy())
+
+    def _full(self, images: torch.Tensor | list, n: int) -> torch.Tensor | EncodedBatch:
+        if isinstance(images, list):
+            return pack(images, self.img_size)
+        return images if n == len(images) else images[:n]
 
     def _labels(self, labels) -> torch.Tensor:
         return torch.stack(labels) if self.multi else torch.tensor(labels, dtype=torch.int64)
@@ -164,13 +181,15 @@ class WorkerStreams(IterableDataset):
                     )
                     return
                 continue
-            images[len(labels)].copy_(img)
+            self._put(images, len(labels), img)
             labels.append(label)
             if len(labels) == self.batch_size:
-                yield images, self._labels(labels), logical, position, _copy(draws), window.state(position)
+                full = self._full(images, len(labels))
+                yield full, self._labels(labels), logical, position, _copy(draws), window.state(position)
                 images, labels = self._new_batch(in_worker), []
         if labels:
-            yield images[: len(labels)], self._labels(labels), logical, position, _copy(draws), window.state(position)
+            full = self._full(images, len(labels))
+            yield full, self._labels(labels), logical, position, _copy(draws), window.state(position)
 
 
 def _copy(draws: list[int] | None) -> list[int] | None:
