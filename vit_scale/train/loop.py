@@ -224,7 +224,7 @@ def resume(cfg: Config, engine, run_dir: Path, loader, new_loader: Callable[[int
     written by another number gets new data and random streams for this layout (`new_loader(seed)`), under
     a seed kept in the checkpoints that follow.
     """
-    chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir)
+    chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir, cfg.checkpoint.verify)
     for note in chosen.notes:
         on_rank0(print, f"vit-scale: {note}", file=sys.stderr)
     if cfg.resume and chosen.path is None:
@@ -324,14 +324,17 @@ def train(
         if log is not None:
             log.log(record)
 
+    kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every, background=ck.async_save)
+    saver = commit.Saver(engine, run_dir, **kw)
+
     def save(reason: str) -> float:
+        """Checkpoint this step; returns how long a save that must commit before the run stops takes."""
         t0 = time.perf_counter()
-        own = {"rng": commit.rng_state(), "data": loader.state_dict()}
-        kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every)
-        commit.save(engine, run_dir, counters.step, asdict(counters), own, **kw)
-        seconds = time.perf_counter() - t0
-        emit({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
-        return seconds
+        saver.save(counters.step, asdict(counters), {"rng": commit.rng_state(), "data": loader.state_dict()})
+        stall = time.perf_counter() - t0  # the loop waited this long; the files may still be being written
+        record = {"step": counters.step, "checkpoint_s": stall, "checkpoint_reason": reason}
+        emit(dict(record, checkpoint_async=saver.in_flight))
+        return max(stall, saver.last_save_s)
 
     # ---- steps
     loss_fn, dtype = loss_function(cfg), model_dtype(cfg)
@@ -365,12 +368,14 @@ def train(
             if stop:
                 if policy.unsaved(counters.step):
                     save("preempt")
+                saver.wait()  # committed on every rank before the exit that asks for a requeue
                 why = watch.reason or (DEADLINE_REASON if near else "requested")
                 raise Preempted(f"stopped at step {counters.step} for requeue: {why}")
             if due:
                 policy.saved(counters.step, save("interval"))
         if ck.save_final and policy.unsaved(counters.step):
             save("final")
+        saver.wait()
     except RuntimeError as e:
         if not PeerLost.matches(e):
             raise
