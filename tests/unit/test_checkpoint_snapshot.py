@@ -44,7 +44,9 @@ def test_a_snapshot_saves_to_the_same_bytes_and_does_not_move_with_training():
     assert saved_bytes(snap) == before
     assert saved_bytes(original) != before
     # views of one storage still share one copy, and the tensor types survive
-    assert snap["module"]["w"].untyped_storage().data_ptr() == snap["module"]["b"].untyped_storage().data_ptr()
+    assert (
+        snap["module"]["w"].untyped_storage().data_ptr() == snap["module"]["b"].untyped_storage().data_ptr()
+    )
     assert snap["module"]["w"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
     assert type(snap["param"]) is torch.nn.Parameter and snap["fp32_partitions"][0].requires_grad
 
