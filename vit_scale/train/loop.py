@@ -376,6 +376,9 @@ def train(
         if ck.save_final and policy.unsaved(counters.step):
             save("final")
         saver.wait()
+    except TrainingHalted:
+        saver.wait()  # every rank halts at the same step, so the save in flight can still commit
+        raise
     except RuntimeError as e:
         if not PeerLost.matches(e):
             raise
