@@ -231,8 +231,10 @@ class _Save:
 
     def run_in_background(self) -> None:
         # The writer yields the CPU to training where cores are short; it runs at its own pace otherwise.
+        # Linux takes a thread id here and sets that thread alone; relative to the process's niceness.
+        me = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICE))
         except OSError:
             pass  # a platform without per-thread priorities: the writer runs at the training's
         self.write()
