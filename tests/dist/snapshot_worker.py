@@ -1,13 +1,16 @@
 """One process, the real engine of the tiny recipe after a training step: the same state saved in the
 foreground (run A) and in the background (run B), B's writer held back until three more training steps
 have changed every weight and the optimizer state. Prints, as JSON, both manifests' files, whether the
-training moved the weights, and whether B loads back as the weights of its step."""
+training moved the weights, and whether B loads back as the weights of its step; then, with the host's
+available memory reported as none, whether a background save is written in the foreground instead."""
 
 import json
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import torch
 
 from vit_scale.checkpoint import commit, snapshot
@@ -48,6 +51,14 @@ def main() -> int:
     _, rank_state = commit.load(engine, ckpt)
     loaded = all(torch.equal(v, at_save[k]) for k, v in engine.module.state_dict().items())
     files = {run: commit.read_manifest(out / run / "checkpoints" / "step_000000001")["files"] for run in "ab"}
+
+    # A host with no memory to spare for the copy: the next save is written in the foreground instead.
+    psutil.virtual_memory = lambda: SimpleNamespace(available=0)
+    saver = commit.Saver(engine, out / "c", config={}, background=True)
+    saver.save(2, {"step": 2}, own)
+    foreground = (
+        not saver.in_flight and (out / "c" / "checkpoints" / "step_000000002" / commit.COMMITTED).exists()
+    )
     print(
         json.dumps(
             {
@@ -56,6 +67,7 @@ def main() -> int:
                 "committed_early": committed_early,
                 "loaded_is_step_1": loaded,
                 "rank_data": rank_state["data"],
+                "foreground_without_memory": foreground,
             }
         )
     )

@@ -33,6 +33,8 @@ def test_a_background_save_writes_the_state_of_its_step_while_training_changes_i
     assert got["loaded_is_step_1"] and got["rank_data"] == {"position": 7}
     a, b = got["files"]["a"], got["files"]["b"]
     assert a == b and {"mp_rank_00_model_states.pt", "rank_00000.pt"} <= a.keys()  # byte for byte
+    assert got["foreground_without_memory"]
+    assert "checkpoint 2 is written in the foreground: a host copy of this rank's state needs" in proc.stderr
 
 
 def test_three_kills_at_random_steps_end_bit_equal_to_the_uninterrupted_run(tmp_path):
