@@ -4,11 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-unit lint bench clean-venv
+.PHONY: demo test test-unit lint bench ops clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/vit-scale ops build
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +21,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# DeepSpeed's JIT ops, built once into $(VENV)/torch_extensions (or TORCH_EXTENSIONS_DIR when set), so no run
+# builds them or waits on another's build; install does this, run it again after changing torch or DeepSpeed.
+ops: $(STAMP)
+	$(BIN)/vit-scale ops build
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

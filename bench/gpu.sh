@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # ViT-B/16 bf16 training-step throughput and MFU on one GPU, in one run, printed as a table:
 # our trainer (DeepSpeed ZeRO-1) with activation checkpointing and torch.compile on and off, and a plain
-# timm + autocast loop (eager and compiled). Needs only this project and its wheels (no data, no network).
+# timm + autocast loop (eager and compiled). Beside each of our rows: what `vit-scale plan` predicts for that
+# setting on this GPU (allocated peak memory and images/s at the planner's MFU), with the error; the planner's
+# goal is within 10% (docs/planning.md). Needs only this project and its wheels (no data, no network).
 #
 #   bash bench/gpu.sh                 # defaults: batch 128, 30 timed steps after 15 warm-up steps
 #   BATCH=256 STEPS=50 bash bench/gpu.sh
 #
 # Budget: under 8 minutes on one H100 (six settings; the four compiled ones spend most of it compiling).
-# Record the table, the GPU and the date in docs/performance.md ("Training step on GPU").
+# Record the table, the GPU and the date in docs/performance.md ("Training step on GPU"), and the measured MFU
+# of "ours ZeRO-1" in vit_scale/plan/hardware.py (MEASURED_MFU), which the planner then uses for that GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -158,8 +158,24 @@ def cpu(args) -> dict:
     }
 
 
+def predicted(cfg, peak: float | None) -> dict:
+    """What `vit-scale plan` predicts for this setting on this device: allocated peak and images/s."""
+    from vit_scale.plan import hardware
+    from vit_scale.plan.estimate import cluster, make_plan
+
+    gpu_row = hardware.detect(peak)
+    plan = make_plan(cfg, cluster(gpu_row, 1, dist.get_world_size()),
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "predicted_peak_mem_gb": round(plan.device_gib, 2),
+        "predicted_images_per_s": round(plan.time["images_per_s"], 1),
+        "predicted_mfu": plan.config["mfu"],
+    }
+
+
 def gpu(args) -> dict:
-    """One device: our trainer in four settings and the plain timm + autocast loop, as one table."""
+    """One device: our trainer in four settings and the plain timm + autocast loop, as one table, with the
+    planner's prediction of peak memory and images/s beside each of our rows (issue 15: within 10%)."""
     rows = []
     peak = peak_tflops(args.peak_tflops)
     for name, extra, plain_compile in (
@@ -185,15 +201,16 @@ def gpu(args) -> dict:
         ips = args.batch / seconds
         flops = train_flops(model_dims(cfg.model), cfg.model.img_size, cfg.model.num_classes)
         tflops = ips * flops / 1e12
-        rows.append(
-            {
-                "setting": name,
-                "images_per_s": round(ips, 1),
-                "tflops_per_device": round(tflops, 3),
-                "mfu": round(tflops / peak, 3) if peak else None,
-                "peak_mem_gb": round(peak_memory_gb(), 1),
-            }
-        )
+        row = {
+            "setting": name,
+            "images_per_s": round(ips, 1),
+            "tflops_per_device": round(tflops, 3),
+            "mfu": round(tflops / peak, 3) if peak else None,
+            "peak_mem_gb": round(peak_memory_gb(), 2),
+        }
+        if plain_compile is None:  # the planner models our DeepSpeed step, not the plain loop
+            row.update(predicted(cfg, peak))
+        rows.append(row)
         del step
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -215,14 +232,23 @@ def print_table(result: dict) -> None:
             f"{result['device']}, {result['model']} {result['dtype']} at {result['img_size']} px, batch "
             f"{result['micro_batch']}, peak {result['peak_tflops']} TFLOP/s"
         )
-        print(f"| {'setting':<34} | images/s | TFLOP/s | MFU | peak GB |")
-        print(f"|{'-' * 36}|---------:|--------:|----:|--------:|")
+        print(f"| {'setting':<34} | images/s | TFLOP/s | MFU | peak GB | predicted GB | predicted images/s |")
+        print(f"|{'-' * 36}|---------:|--------:|----:|--------:|-------------:|-------------------:|")
         for r in result["rows"]:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            if "predicted_peak_mem_gb" in r:
+                pred_gb = f"{r['predicted_peak_mem_gb']:.2f} ({r['predicted_peak_mem_gb'] / r['peak_mem_gb'] - 1:+.0%})"
+                pred_ips = (f"{r['predicted_images_per_s']:.1f} ({r['predicted_images_per_s'] / r['images_per_s'] - 1:+.0%}"
+                            f" at MFU {r['predicted_mfu']:.0%})")
+            else:
+                pred_gb = pred_ips = "n/a"
             print(
                 f"| {r['setting']:<34} | {r['images_per_s']:8.1f} | {r['tflops_per_device']:7.1f} | {mfu} | "
-                f"{r['peak_mem_gb']:7.1f} |"
+                f"{r['peak_mem_gb']:7.2f} | {pred_gb:>12} | {pred_ips:>18} |"
             )
+        print("predicted: `vit-scale plan` for the same setting on this device. peak GB is "
+              "torch.cuda.max_memory_allocated in GiB (on CPU the process's peak RSS, which pages DeepSpeed's "
+              "untouched buckets never reach: not comparable); torch.compile's effect is not modelled")
     else:
         print(
             f"ours {result['ours_images_per_s']} images/s, DDP {result['ddp_images_per_s']} images/s, "

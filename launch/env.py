@@ -72,6 +72,35 @@ def job_end_time(env: Mapping[str, str]) -> float | None:
         return None  # "N/A", "Unknown": no limit
 
 
+_ENDED = {
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "OUT_OF_MEMORY",
+    "SPECIAL_EXIT",
+}
+
+
+def job_running(job_id: str) -> bool | None:
+    """Whether SLURM job `job_id` is still queued or running; None when it cannot be told (no squeue)."""
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    states = set(proc.stdout.split())
+    if proc.returncode != 0:
+        # squeue fails with "Invalid job id" for a job that left the queue, and for other reasons too.
+        return False if "invalid job id" in proc.stderr.lower() else None
+    return bool(states - _ENDED)
+
+
 def distributed_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables to add to `env` so torch.distributed can start; {} when nothing is missing."""
     out: dict[str, str] = {}

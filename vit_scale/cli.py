@@ -5,12 +5,16 @@ Each command module exposes `main(argv: list[str]) -> int`. User errors print on
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
 from vit_scale.errors import UserError
 
-# subcommand: (module with main(argv), one-line help)
+# A full disk, an exceeded quota, a read-only filesystem: one line naming the file, never a traceback.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+# subcommand: one-line help (its module is vit_scale.commands.<subcommand>)
 COMMANDS = {
     "models": "print the ViT variants table (layers, width, params, GFLOPs)",
     "shards": "build, merge, verify and inspect WebDataset tar shards",
@@ -24,6 +28,8 @@ COMMANDS = {
     "report": "render plots and an HTML page from run directories",
     "inspect": "draw position-embedding and attention pictures",
     "demo": "the whole system on embedded data: pretrain, transfer, report",
+    "plan": "memory, speed and cost of a config on a GPU cluster, and the largest fit",
+    "ops": "build DeepSpeed's JIT ops once for this environment",
 }
 
 
@@ -49,6 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"vit-scale {name}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # The environment's failures that no part of the command turned into a message of its own.
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        from vit_scale.io import free_bytes, human_bytes
+
+        where = e.filename or "a file the command writes"
+        free = free_bytes(e.filename or ".")
+        there = f" ({human_bytes(free)} free {'there' if e.filename else 'in the current directory'})"
+        print(
+            f"vit-scale {name}: error: {e.strerror}: {where}{there if free is not None else ''}",
+            file=sys.stderr,
+        )
+        return UserError.exit_code
     except KeyboardInterrupt:
         print(f"vit-scale {name}: interrupted", file=sys.stderr)
         return 130

@@ -440,7 +440,7 @@ def test_mixup_and_cutmix_mix_the_images_and_targets_of_each_training_step(tmp_p
     from timm.loss import SoftTargetCrossEntropy
 
     from vit_scale.config import load_config
-    from vit_scale.data.pipeline import make_loader
+    from vit_scale.data.loader import make_loader
     from vit_scale.data.transforms import make_mixup, to_model_input
 
     args = [f"data.train={shards}", "train.steps=6", "data.workers=0", "optim.label_smoothing=0.1", *MIXING]

@@ -404,3 +404,24 @@ def test_bad_sources_are_clear_errors(tmp_path, capsys):
         from vit_scale.data.build import build
 
         build(str(tmp_path), str(tmp_path / "o"), part=3, parts=2)
+
+
+def test_array_parts_of_a_vtab_task_merge_with_their_task_and_mixed_tasks_are_refused(tmp_path, capsys):
+    """The task index.json records (for the augmentations validation refuses) survives an array build."""
+    from transfer_helpers import write_vtab_task
+
+    common = ["--no-progress", "--workers", "1", "--format", "vtab", "--split", "test"]
+    arr = tmp_path / "array"
+    for task, out in (("clevr_count", arr), ("dtd", tmp_path / "other")):
+        folder = write_vtab_task(tmp_path / "raw", task, 2)
+        for i in (0, 1):
+            part = ["--array-index", str(i), "--array-count", "2"]
+            assert vit_scale(["shards", "build", str(folder), "--out", str(out), *part, *common]) == 0
+    assert vit_scale(["shards", "merge-index", str(arr)]) == 0
+    assert index_of(arr)["task"] == "clevr_count" and index_of(arr)["num_samples"] == 6
+    (arr / "part-00002").mkdir()
+    foreign = (tmp_path / "other" / "part-00001" / "index.json").read_text()  # a part built for dtd
+    (arr / "part-00002" / "index.json").write_text(foreign)
+    parts = [str(arr / "part-00000"), str(arr / "part-00002")]
+    assert vit_scale(["shards", "merge-index", str(arr), *parts]) == 2
+    assert "name different tasks (clevr_count, dtd)" in capsys.readouterr().err

@@ -19,7 +19,7 @@ LAYERS = [
     {"checkpoint"},
     {"observe"},
     {"train"},
-    {"evaluate"},
+    {"evaluate", "plan"},
     {"commands"},  # the only importer of launch/
     {"cli"},
 ]

@@ -28,6 +28,14 @@ def config(tmp_path):
 
 
 @pytest.fixture
+def vtab_config(tmp_path):
+    """The tiny model with the VTAB protocol's input, resized only: validation refuses crops on svhn."""
+    path = tmp_path / "vtab.yaml"
+    path.write_text(TINY.replace("data: {workers: 3}", "data: {workers: 3, augment: resize}"))
+    return path
+
+
+@pytest.fixture
 def weights(tmp_path):
     """Starting weights for fine-tune and VTAB jobs: the dry-run checks what the job will, so they exist."""
     path = tmp_path / "w" / "vit.pt"
@@ -137,7 +145,8 @@ def test_finetune_runs_the_finetune_command(capsys, config, weights, tmp_path):
     assert "--signal=USR1@300" in sbatch_lines(out)
 
 
-def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path, weights, vtab_root):
+def test_vtab_array_one_task_per_dataset_then_the_table(capsys, vtab_config, tmp_path, weights, vtab_root):
+    config = vtab_config
     out = dry_run(
         capsys,
         "vtab",
@@ -170,8 +179,8 @@ def test_vtab_array_one_task_per_dataset_then_the_table(capsys, config, tmp_path
     )
 
 
-def test_vtab_defaults_to_all_19(capsys, config, weights, vtab_root):
-    out = dry_run(capsys, "vtab", str(config), f"init={weights}", f"eval.vtab_data={vtab_root}")
+def test_vtab_defaults_to_all_19(capsys, vtab_config, weights, vtab_root):
+    out = dry_run(capsys, "vtab", str(vtab_config), f"init={weights}", f"eval.vtab_data={vtab_root}")
     assert "--array=0-18" in sbatch_lines(out)
 
 

@@ -1,5 +1,6 @@
 """The Python part of bench/gpu.sh, run on CPU at a tiny size: every eager row of the table is produced
-from real training steps, with MFU computed from the analytic FLOPs and the given peak."""
+from real training steps, with MFU computed from the analytic FLOPs and the given peak, and our rows carry
+the planner's prediction for the same setting."""
 
 from __future__ import annotations
 
@@ -63,7 +64,17 @@ def test_gpu_table_runs_on_cpu_at_a_tiny_size(tmp_path):
     for r in result["rows"]:
         assert r["images_per_s"] > 0
         assert r["mfu"] == pytest.approx(r["images_per_s"] * flops / 1e12 / 0.001, rel=2e-3, abs=1e-3)
-    assert "| ours ZeRO-1 + act-ckpt" in proc.stdout
+    ours, ckpt, plain = result["rows"]
+    # One rank, no communication: the planner's step is the batch's FLOPs at its MFU of the peak, plus Adam's
+    # update of every parameter (32 bytes each at 70% of the nominal 0.1 TB/s it gives a CPU); checkpointing
+    # the one block adds its forward again.
+    params = 3 * 16 * 16 * w + w + w + n * w + 4 * w + 3 * w * w + 3 * w + w * w + w + 2 * w * mlp + mlp + w + 2 * w
+    params += w * 1000 + 1000
+    step = 4 * flops / (0.001e12 * ours["predicted_mfu"]) + 32 * params / (0.1e12 * 0.7)
+    assert ours["predicted_images_per_s"] == pytest.approx(4 / step, rel=2e-3)
+    assert ckpt["predicted_images_per_s"] < ours["predicted_images_per_s"]
+    assert 0 < ours["predicted_peak_mem_gb"] and "predicted_peak_mem_gb" not in plain
+    assert "| ours ZeRO-1 + act-ckpt" in proc.stdout and "predicted images/s" in proc.stdout
 
 
 def test_cpu_comparison_runs_both_loops_on_two_ranks_and_reports_their_ratio(tmp_path):

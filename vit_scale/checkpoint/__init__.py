@@ -2,11 +2,12 @@
 and weight import from runs, checkpoints and other formats (`weights`)."""
 
 
-def load_consolidated_state_dict(ckpt_path):
-    """fp32 timm-layout weights and Config of a committed checkpoint; see `export.load_consolidated_state_dict`."""
+def load_consolidated_state_dict(ckpt_path, averaged: bool = True):
+    """fp32 timm-layout weights and Config of a committed checkpoint (its parameter average when it has one);
+    see `export.load_consolidated_state_dict`."""
     from vit_scale.checkpoint.export import load_consolidated_state_dict as load
 
-    return load(ckpt_path)
+    return load(ckpt_path, averaged)
 
 
 __all__ = ["load_consolidated_state_dict"]

@@ -2,7 +2,7 @@
 
     checkpoints/step_000000020/   DeepSpeed's files + rank_00000.pt ... (each rank's data position and RNGs)
                   .rank_00000.done ...  each rank's report: its files are durable, their sizes and sha256
-                  manifest.json   every rank's report merged, counters, world size, ZeRO stage
+                  manifest.json   every rank's report merged, counters, world size, ZeRO stage, who wrote it
                   COMMITTED       written last, after every rank's report and the manifest are on disk
     checkpoints/latest            name of the newest committed step, replaced atomically
 
@@ -14,6 +14,7 @@ written: it appears before all ranks finish.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vit_scale.checkpoint import snapshot
+from vit_scale.checkpoint import safe_load, snapshot
+from vit_scale.checkpoint.lock import writer
 from vit_scale.dist import barrier, collective_device, is_multi_rank, is_rank0, rank, world_size
 from vit_scale.errors import UserError
-from vit_scale.io import atomic_write_json, atomic_write_text, fsync_dir
+from vit_scale.io import atomic_write_json, atomic_write_text, disk_full_error, fsync_dir, is_disk_full
 
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"
@@ -170,6 +172,7 @@ class _Save:
         self.written = threading.Event()  # this rank's files and its done-marker are durable, or failed
         self.cancelled = threading.Event()  # another rank failed: rank 0 stops waiting for the markers
         self.error: str | None = None  # why this rank's files were not written
+        self.full = False  # ... because the disk is full
         self.commit_error: str | None = None  # rank 0: why the checkpoint was not committed
         self.thread: threading.Thread | None = None
         self.finished = 0.0  # when this rank's part ended (rank 0: the commit)
@@ -190,7 +193,10 @@ class _Save:
             atomic_write_json(self.ckpt / done_marker_name(rank()), marker)
             _crash_point("after_done_marker", self.step)
         except Exception as e:  # noqa: BLE001 - reported to every rank at the next wait
-            self.error = f"{type(e).__name__}: {e}"
+            full = _disk_full(self.saver.engine, self.ckpt, e)
+            self.full = full is not None
+            why = f"checkpoint {self.ckpt} was not written: rank {rank()}: {type(e).__name__}: {e}"
+            self.error = full or why
         finally:
             self.files = []  # the snapshot's buffers go back to the saver's HostMemory
             self.finished = time.perf_counter()
@@ -216,16 +222,25 @@ class _Save:
                 if name not in files:
                     _fsync(self.ckpt / name)
                     files[name] = dict(f, rank=0)
-            atomic_write_json(self.ckpt / MANIFEST, dict(self.manifest, files=dict(sorted(files.items()))))
-            _crash_point("after_manifest", self.step)
-            atomic_write_text(self.ckpt / COMMITTED, f"{self.step}\n")
+            try:
+                manifest = dict(self.manifest, files=dict(sorted(files.items())))
+                atomic_write_json(self.ckpt / MANIFEST, manifest)
+                _crash_point("after_manifest", self.step)
+                atomic_write_text(self.ckpt / COMMITTED, f"{self.step}\n")
+            except Exception as e:
+                full = _disk_full(self.saver.engine, self.ckpt, e)
+                if full is None:
+                    raise
+                shutil.rmtree(self.ckpt, ignore_errors=True)
+                self.commit_error = full
+                return
             _crash_point("after_committed", self.step)
             root = self.ckpt.parent
             atomic_write_text(root / LATEST, self.ckpt.name + "\n")
             _crash_point("after_latest", self.step)
             prune(root, self.saver.keep_last, self.saver.keep_every)
         except Exception as e:  # noqa: BLE001 - reported to every rank at the next wait
-            self.commit_error = f"{type(e).__name__}: {e}"
+            self.commit_error = f"checkpoint {self.ckpt} was not committed: {type(e).__name__}: {e}"
         finally:
             self.finished = time.perf_counter()
 
@@ -294,6 +309,8 @@ class Saver:
             "trainer": copy.deepcopy(trainer_state),
             "config": self.config,  # a checkpoint directory describes itself, even copied away from its run
             "time": time.time(),
+            # Who wrote it (user, host, pid, job id): resuming unpickles its files, so know whose they are.
+            "writer": writer(),
         }
         background = self.background and _on_every_rank(self._fits(files, step))
         if background:
@@ -336,11 +353,14 @@ class Saver:
         if job is None:
             return
         job.written.wait()
-        failed = [(r, e) for r, e in enumerate(_gather(job.error)) if e is not None]
+        # after this gather every rank's writer has ended: a full disk's partial checkpoint can go
+        failed = sorted((not full, e) for e, full in _gather((job.error, job.full)) if e is not None)
         if failed:
             job.cancelled.set()
-            r, e = failed[0]
-            raise CheckpointError(f"checkpoint {job.ckpt} was not written: rank {r}: {e}")
+            full, error = not failed[0][0], failed[0][1]
+            if full and is_rank0():
+                shutil.rmtree(job.ckpt, ignore_errors=True)
+            raise CheckpointError(error)
         if is_rank0():
             if job.thread is not None:
                 job.thread.join()
@@ -348,7 +368,7 @@ class Saver:
                 job.commit()
         error = _from_rank0(job.commit_error)
         if error is not None:
-            raise CheckpointError(f"checkpoint {job.ckpt} was not committed: {error}")
+            raise CheckpointError(error)
         self.last_save_s = job.finished - job.started
 
 
@@ -368,6 +388,32 @@ def save(
         engine, run_dir, config=config, keep_last=keep_last, keep_every=keep_every, background=False
     )
     return saver.save(step, trainer_state, rank_state)
+
+
+def checkpoint_bytes(engine, root: Path) -> int:
+    """About how much one checkpoint takes: the newest committed one's size, else 16 bytes per parameter
+    (fp32 weights, Adam's two moments, the module's own copy)."""
+    committed = committed_dirs(root)
+    if committed:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return sum(f["size"] for f in read_manifest(committed[-1])["files"].values())
+    return 16 * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+def _disk_full(engine, ckpt: Path, e: BaseException) -> str | None:
+    """The one line for a write into `ckpt` that failed for lack of space (the path, the free space, the
+    size needed), None for any other failure. The caller removes the partial checkpoint, which the line
+    says: it has no COMMITTED marker, so it would never be loaded, but it holds the space the next try
+    needs."""
+    needed = checkpoint_bytes(engine, ckpt.parent)
+    if not is_disk_full(e, ckpt, needed):
+        return None
+    err = disk_full_error(
+        ckpt, needed, "checkpoint",
+        "removed the partial checkpoint (the run resumes from its last committed one); free space or "
+        "move the run directory, then run the same command again",
+    )  # fmt: skip
+    return str(err)
 
 
 def prune(root: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
@@ -536,6 +582,22 @@ def _universal_copy(ckpt: Path, scratch: Path) -> Path:
     return Path(box[0])
 
 
+def _other_model(ckpt: Path, e: RuntimeError) -> CheckpointError | None:
+    """What to tell the user when torch refused the weights of `ckpt` for this model (a run directory reused
+    with other model settings); None for any other failure."""
+    text = str(e)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                  r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    what = f"{m[1]} is {m[2]} there and {m[3]} now" if m else text.splitlines()[1].strip().rstrip(".")
+    return CheckpointError(
+        f"{ckpt} holds the weights of another model ({what}): resuming needs the model settings it was saved "
+        f"with (its {MANIFEST} lists them); to start afresh use another --run-dir, or fine-tune from it with "
+        f"init={ckpt}"
+    )
+
+
 def load(
     engine, ckpt: Path, *, load_optimizer: bool = True, scratch: Path | None = None
 ) -> tuple[dict, dict | None]:
@@ -550,15 +612,21 @@ def load(
     manifest = read_manifest(ckpt)
     saved, now = manifest["world_size"], world_size()
     if saved == now:
-        path, client = engine.load_checkpoint(
-            str(ckpt.parent),
-            tag=ckpt.name,
-            load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
-        )
+        try:
+            path, client = engine.load_checkpoint(
+                str(ckpt.parent),
+                tag=ckpt.name,
+                load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer,
+            )
+        except RuntimeError as e:
+            refused = _other_model(ckpt, e)
+            if refused is None:
+                raise
+            raise refused from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-        own = torch.load(ckpt / rank_file_name(rank()), map_location="cpu", weights_only=False)
+        own = safe_load.load(ckpt / rank_file_name(rank()))
         return client["trainer"], own
 
     was_offloaded = bool(manifest.get("config", {}).get("parallel", {}).get("offload_optimizer"))

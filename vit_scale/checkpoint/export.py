@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from vit_scale.checkpoint import commit
+from vit_scale.checkpoint.average import read_average
+from vit_scale.checkpoint.zero import consolidated_state_dict
 from vit_scale.config import Config, from_dict
 from vit_scale.errors import UserError
 from vit_scale.io import atomic_write_bytes, atomic_write_json
@@ -19,9 +21,15 @@ from vit_scale.io import atomic_write_bytes, atomic_write_json
 TIMM_SIZE_NAMES = {"ti": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
 
 
-def load_consolidated_state_dict(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+def load_consolidated_state_dict(
+    ckpt_path: str | Path, averaged: bool = True
+) -> tuple[dict[str, torch.Tensor], Config]:
     """fp32 weights of a committed checkpoint (a run directory's newest, or the one named), with timm's
-    parameter names, and the config it was trained with. Works for every ZeRO stage, on one process."""
+    parameter names, and the config it was trained with. Works for every ZeRO stage, on one process, and
+    runs no code from the checkpoint's pickles (`checkpoint.zero`).
+
+    A run trained with Polyak averaging (optim.ema_decay) gives its averaged weights unless `averaged` is
+    false; the raw parameters are the ones training continues from."""
     chosen = commit.select(Path(ckpt_path))
     if chosen.path is None:
         notes = "; ".join(chosen.notes)
@@ -29,14 +37,9 @@ def load_consolidated_state_dict(ckpt_path: str | Path) -> tuple[dict[str, torch
     ckpt = chosen.path
     manifest = commit.read_manifest(ckpt)
     cfg = from_dict(manifest["config"])
-    if manifest["zero_stage"] == 0:
-        # Stage 0 keeps the whole module in the model-states file (fp32 unless trained in 16 bits).
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        sd = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if averaged and (average := read_average(ckpt)) is not None:
+        return average, cfg
+    sd = consolidated_state_dict(ckpt, manifest["zero_stage"])
     return {k.removeprefix("module."): v.detach().float().contiguous() for k, v in sd.items()}, cfg
 
 
@@ -85,10 +88,12 @@ def hub_config(cfg: Config) -> dict:
     }
 
 
-def export(ckpt_path: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
+def export(ckpt_path: str | Path, out_dir: str | Path, dtype: str = "fp32", averaged: bool = True) -> Path:
+    """Write the folder; a run trained with Polyak averaging exports its averaged weights unless `averaged`
+    is false."""
     from safetensors.torch import save
 
-    sd, cfg = load_consolidated_state_dict(ckpt_path)
+    sd, cfg = load_consolidated_state_dict(ckpt_path, averaged)
     config = hub_config(cfg)
     if dtype == "bf16":
         sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}

@@ -1,7 +1,8 @@
 """Weight import: pretrained ViT weights from any supported source, as a timm-named state dict.
 
 Sources, told apart by what is on disk:
-- a committed pretrain checkpoint directory (any ZeRO stage), or a run directory (its latest one);
+- a committed pretrain checkpoint directory (any ZeRO stage), or a run directory (its latest one): the
+  parameter average when the run kept one (optim.ema_decay), else the parameters;
 - an exported safetensors file, or an export folder holding `model.safetensors`;
 - timm weights on disk: a torch state dict (`.pth`, `.pt`, `.bin`) or a `.safetensors` file;
 - the `.npz` layout of google-research/vision_transformer (the paper's released checkpoints).
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vit_scale.checkpoint import safe_load
 from vit_scale.config.schema import ModelConfig
 from vit_scale.errors import UserError
 from vit_scale.models.vit import VARIANTS, ViT, build_model, grid_size
@@ -212,14 +214,9 @@ def _heads_from_meta(meta: dict) -> int | None:
 
 def _from_checkpoint(path: Path) -> Pretrained:
     """A committed checkpoint (newest under a run directory, or the one named), any ZeRO stage."""
-    import contextlib
-    import io
-
     from vit_scale.checkpoint import load_consolidated_state_dict
 
-    # DeepSpeed narrates the merge of the optimizer shards on stdout; our commands print their own lines.
-    with contextlib.redirect_stdout(io.StringIO()):
-        sd, cfg = load_consolidated_state_dict(path)
+    sd, cfg = load_consolidated_state_dict(path)
     heads = _dims(cfg.model)["heads"]
     return Pretrained(sd, infer_model_config(sd, heads=heads, hint=cfg.model), "checkpoint", str(path))
 
@@ -267,11 +264,7 @@ def _load_file(path: Path, hint: ModelConfig | None, heads: int | None = None) -
         heads = heads if heads is not None else _heads_from_meta(meta)
         return Pretrained(sd, infer_model_config(sd, heads=heads, hint=hint), "safetensors", str(path))
     if suffix in TORCH_SUFFIXES:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a bad or unsafe pickle
-            raise UserError(f"{path} is not a readable torch state dict ({type(e).__name__}: {e})") from None
-        sd = _unwrap(obj, path)
+        sd = _unwrap(safe_load.load(path, what="torch state dict"), path)
         return Pretrained(sd, infer_model_config(sd, heads=heads, hint=hint), "timm", str(path))
     raise UserError(
         f"do not know how to read weights {path}: give a checkpoint or run directory, an export folder, "

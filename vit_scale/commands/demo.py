@@ -24,7 +24,6 @@ with --pretrain-steps and --finetune-steps; the corpus with --classes x --per-cl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vit_scale.commands.args import Parser, at_least
 from vit_scale.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
@@ -139,7 +139,7 @@ def _announce(name: str, what: str) -> None:
 
     console = Console(stderr=True, highlight=False)
     console.rule(f"[bold]{name}")
-    console.print(what, soft_wrap=True)
+    console.print(what, soft_wrap=True, markup=False)  # paths, not markup
 
 
 def _needs(stage: Stage, *deps: Stage) -> bool:
@@ -233,20 +233,52 @@ def build_corpora(demo: Demo) -> None:
     digit_stage.result = f"1,297 train / 500 test, {k.finetune_size} px"
 
 
-def pretrain(demo: Demo) -> None:
+def pretrain_overrides(demo: Demo) -> list[str]:
     k = demo.knobs
-    stage = demo.stage("pretrain")
-    if not _needs(stage, demo.get("fractal corpus")):
-        return
-    stage.path = demo.runs / "pretrain"
-    overrides = [
+    return [
         f"data.train={demo.data / 'fractals'}",
         f"model.num_classes={k.classes}",
         f"model.img_size={k.pretrain_size}",
         f"train.steps={k.pretrain_steps}",
         f"checkpoint.every_steps={max(1, k.pretrain_steps // 3)}",
     ]
-    argv = [str(PRETRAIN_CONFIG), *overrides, "--run-dir", str(stage.path)]
+
+
+def finetune_overrides(demo: Demo, init: Path) -> list[str]:
+    k = demo.knobs
+    return [
+        f"data.train={demo.data / 'digits' / 'train'}",
+        f"data.test={demo.data / 'digits' / 'test'}",
+        f"model.img_size={k.finetune_size}",
+        f"train.steps={k.finetune_steps}",
+        f"init={init}",
+    ]
+
+
+def check_recipes(demo: Demo) -> None:
+    """The training stages' settings through the validation pass before any stage runs, so knobs the recipes
+    cannot take (a size that is not a multiple of the patch, a batch the processes cannot split) are refused
+    now, not after the corpora are built. The fine-tune checks that need files (its starting weights) wait for
+    the stages that write them."""
+    from vit_scale.config import ConfigError, load_config, validate
+
+    for what, recipe, overrides in (
+        ("pretraining", PRETRAIN_CONFIG, pretrain_overrides(demo)),
+        ("fine-tuning", FINETUNE_CONFIG, finetune_overrides(demo, demo.runs / "pretrain")),
+    ):
+        try:
+            validate(load_config(recipe, overrides), demo.knobs.nproc)
+        except ConfigError as e:
+            raise UserError(f"demo: {what} cannot run with these knobs: {e}") from None
+
+
+def pretrain(demo: Demo) -> None:
+    k = demo.knobs
+    stage = demo.stage("pretrain")
+    if not _needs(stage, demo.get("fractal corpus")):
+        return
+    stage.path = demo.runs / "pretrain"
+    argv = [str(PRETRAIN_CONFIG), *pretrain_overrides(demo), "--run-dir", str(stage.path)]
     if _train(stage, "pretrain", argv, k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _final_loss(stage.path)
@@ -260,16 +292,9 @@ def finetune(demo: Demo, name: str, weights: str) -> None:
     if not _needs(stage, demo.get("digits corpus"), init):
         return
     stage.path = demo.runs / name.replace(" ", "_")
-    overrides = [
-        f"data.train={demo.data / 'digits' / 'train'}",
-        f"data.test={demo.data / 'digits' / 'test'}",
-        f"model.img_size={k.finetune_size}",
-        f"train.steps={k.finetune_steps}",
-        f"init={init.path}",
-    ]
     # On as many single-threaded ranks as pretraining: a second thread per process stalls whenever anything
     # else wants a core, while separate ranks keep going.
-    argv = [str(FINETUNE_CONFIG), *overrides, "--run-dir", str(stage.path)]
+    argv = [str(FINETUNE_CONFIG), *finetune_overrides(demo, init.path), "--run-dir", str(stage.path)]
     if _train(stage, "finetune", argv, k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _accuracy_text(stage.path)
@@ -446,7 +471,7 @@ def print_tables(demo: Demo, data: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(markup=False)  # paths and error messages, not markup
     headline = Table(title="Digits test top-1: what pretraining on fractals bought")
     headline.add_column("evaluation")
     headline.add_column("pretrained", justify="right")
@@ -477,9 +502,9 @@ def print_tables(demo: Demo, data: dict) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> Parser:
     d = Knobs()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale demo",
         description="The whole system on embedded data: fractal corpus, ZeRO-2 pretraining on local "
         "processes, fine-tuning on digits (pretrained and from scratch), few-shot, report, one table.",
@@ -487,32 +512,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=d.out, help=f"where data, runs and report go (default {d.out})"
     )
-    p.add_argument("--classes", type=int, default=d.classes, help=f"fractal categories (default {d.classes})")
+    p.add_argument("--classes", type=at_least(2), default=d.classes, help=f"fractal categories (default {d.classes})")
     p.add_argument(
-        "--per-class", type=int, default=d.per_class, help=f"images per category (default {d.per_class})"
+        "--per-class", type=at_least(1), default=d.per_class, help=f"images per category (default {d.per_class})"
     )
     p.add_argument(
         "--pretrain-size",
-        type=int,
+        type=at_least(1),
         default=d.pretrain_size,
         help=f"pretraining px (default {d.pretrain_size})",
     )
     p.add_argument(
         "--finetune-size",
-        type=int,
+        type=at_least(1),
         default=d.finetune_size,
         help=f"fine-tuning px (default {d.finetune_size})",
     )
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps, help=f"default {d.pretrain_steps}")
+    p.add_argument("--pretrain-steps", type=at_least(1), default=d.pretrain_steps, help=f"default {d.pretrain_steps}")
     p.add_argument(
         "--finetune-steps",
-        type=int,
+        type=at_least(1),
         default=d.finetune_steps,
         help=f"each fine-tune (default {d.finetune_steps})",
     )
-    p.add_argument("--nproc", type=int, default=d.nproc, help=f"pretraining processes (default {d.nproc})")
+    p.add_argument("--nproc", type=at_least(1), default=d.nproc, help=f"pretraining processes (default {d.nproc})")
     p.add_argument(
-        "--workers", type=int, default=None, help="corpus generation processes (default: all cores)"
+        "--workers", type=at_least(1), default=None, help="corpus generation processes (default: all cores)"
     )
     return p
 
@@ -520,20 +545,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     knobs = Knobs(**{k: getattr(args, k) for k in vars(Knobs())})
-    for name in (
-        "classes",
-        "per_class",
-        "pretrain_size",
-        "finetune_size",
-        "pretrain_steps",
-        "finetune_steps",
-        "nproc",
-    ):
-        if getattr(knobs, name) < 1:
-            raise UserError(f"demo: --{name.replace('_', '-')} must be positive, got {getattr(knobs, name)}")
-    if knobs.classes < 2:
-        raise UserError("demo: --classes must be at least 2")
-
     if not PRETRAIN_CONFIG.is_file() or not FINETUNE_CONFIG.is_file():
         raise UserError(
             f"demo: its recipes {CONFIGS} are missing; run it from a source checkout (`pip install -e .`)"
@@ -541,6 +552,7 @@ def main(argv: list[str]) -> int:
     from vit_scale.io import atomic_write_json
 
     demo = Demo(knobs)
+    check_recipes(demo)
     _share_cores(knobs.nproc)
     fresh_runs(demo)
     start = time.perf_counter()

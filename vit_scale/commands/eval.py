@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from vit_scale.commands.args import Parser, at_least, memory_for
 from vit_scale.config.schema import DataConfig
 from vit_scale.dist import device as rank_device
 from vit_scale.errors import UserError
 from vit_scale.evaluate.classify import evaluate
+from vit_scale.io import writable_dir
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vit-scale eval", description="Top-1/top-5 accuracy (precision@1 for multi-label) of weights."
     )
     parser.add_argument(
@@ -21,7 +22,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--data", required=True, help="shard source to score (directory with index.json, ...)"
     )
-    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the weights')")
+    parser.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the weights')")
     parser.add_argument(
         "--interp",
         choices=("bilinear", "bicubic"),
@@ -29,16 +30,36 @@ def main(argv: list[str]) -> int:
         help="position-embedding interpolation when --img-size differs (default bilinear)",
     )
     parser.add_argument("--labels", choices=("int", "multi"), default="int", help="multi: multi-hot labels")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--crop",
+        choices=("none", "center"),
+        default="none",
+        help="none: resize the whole image (the paper's evaluation, default); center: shorter side, then the "
+        "central square",
+    )
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
     parser.add_argument(
         "--run-dir", default=None, help="where results.json goes (default runs/eval_<weights>)"
     )
     args = parser.parse_args(argv)
 
     from vit_scale.checkpoint.weights import build_pretrained, load_pretrained
+    from vit_scale.config.tasks import rule
+    from vit_scale.config.validate import index_task
     from vit_scale.evaluate.common import dataset_name
     from vit_scale.models import set_resolution
     from vit_scale.observe.results import weights_label, write_results
+
+    label = weights_label(args.weights)
+    run_dir = writable_dir(
+        args.run_dir or Path("runs") / f"eval_{label}", "--run-dir"
+    )  # before minutes of work
+    task = index_task(args.data)
+    why = rule(task, "crop")
+    if args.crop == "center" and why:
+        raise UserError(
+            f"--crop center cuts the borders of the images scored, but {task}: {why}; use --crop none"
+        )
 
     pre = load_pretrained(args.weights)
     if not pre.model.num_classes:
@@ -47,27 +68,26 @@ def main(argv: list[str]) -> int:
         )
     model = build_pretrained(pre)
     img_size = args.img_size or pre.model.img_size
-    if img_size != pre.model.img_size:
-        try:
-            set_resolution(model, img_size, args.interp)
-        except ValueError as e:
-            raise UserError(f"--img-size: {e}") from None
-    device = rank_device()
-    model = model.to(device)
-    data_cfg = DataConfig(workers=0, labels=args.labels)
-    metrics = evaluate(
-        model,
-        args.data,
-        data_cfg,
-        img_size=img_size,
-        batch_size=args.batch_size,
-        device=device,
-        progress=True,
-    )
+    with memory_for(f"--img-size {img_size} and --batch-size {args.batch_size}"):
+        if img_size != pre.model.img_size:
+            try:
+                set_resolution(model, img_size, args.interp)
+            except ValueError as e:
+                raise UserError(f"--img-size: {e}") from None
+        device = rank_device()
+        model = model.to(device)
+        data_cfg = DataConfig(workers=0, labels=args.labels, eval_crop=args.crop)
+        metrics = evaluate(
+            model,
+            args.data,
+            data_cfg,
+            img_size=img_size,
+            batch_size=args.batch_size,
+            device=device,
+            progress=True,
+        )
     name = dataset_name(args.data)
-    label = weights_label(args.weights)
     metric = "prec1" if "prec1" in metrics else "top1"
-    run_dir = Path(args.run_dir or Path("runs") / f"eval_{label}")
     path = write_results(
         run_dir,
         {
@@ -80,6 +100,7 @@ def main(argv: list[str]) -> int:
                 "source": pre.source,
                 "data": args.data,
                 "img_size": img_size,
+                "crop": args.crop,
             },
         },
     )

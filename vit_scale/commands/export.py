@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 from vit_scale.checkpoint.export import export
+from vit_scale.commands.args import Parser
+from vit_scale.io import writable_dir
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale export",
         description="Consolidate a checkpoint (any ZeRO stage) into a timm / Hugging Face Hub model folder.",
     )
@@ -17,7 +17,12 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--out", required=True, help="folder to write config.json and model.safetensors into")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="with Polyak averaging (optim.ema_decay): the trained parameters instead of their average",
+    )
     args = p.parse_args(argv)
-    out = export(args.ckpt, args.out, args.dtype)
+    out = export(args.ckpt, writable_dir(args.out, "--out"), args.dtype, averaged=not args.raw)
     print(f"vit-scale export: wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from vit_scale.errors import UserError
+from vit_scale.commands.args import Parser, at_least, int_list, memory_for, positive_float
 from vit_scale.evaluate.fewshot import fewshot_run
+from vit_scale.io import writable_dir
 from vit_scale.observe.results import RESULTS, weights_label
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vit-scale fewshot",
         description="Few-shot linear evaluation of frozen representations (regularised least squares).",
     )
@@ -34,23 +24,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--test", required=True, help="shard source scored (';' for several, paired with --train)"
     )
-    parser.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="default 1,5,10,25")
-    parser.add_argument("--seeds", type=int, default=3, help="draws of the shots per setting (default 3)")
-    parser.add_argument("--l2", type=float, default=1.0, help="ridge regularisation (default 1.0)")
-    parser.add_argument("--img-size", type=int, default=None, help="resolution (default: the weights')")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--shots", type=int_list, default=[1, 5, 10, 25], help="default 1,5,10,25")
+    parser.add_argument("--seeds", type=at_least(1), default=3, help="draws of the shots per setting (default 3)")
+    parser.add_argument("--l2", type=positive_float, default=1.0, help="ridge regularisation (default 1.0)")
+    parser.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the weights')")
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
     parser.add_argument(
         "--run-dir", default=None, help="where results.json goes (default runs/fewshot_<weights>)"
     )
     args = parser.parse_args(argv)
 
-    if args.seeds < 1:
-        raise UserError("--seeds must be at least 1")
-    run_dir = Path(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}")
-    results = fewshot_run(
-        args.weights, args.train, args.test, run_dir,
-        shots=args.shots, seeds=args.seeds, l2=args.l2, img_size=args.img_size, batch_size=args.batch_size,
-    )
+    run_dir = writable_dir(args.run_dir or Path("runs") / f"fewshot_{weights_label(args.weights)}", "--run-dir")
+    with memory_for(f"--img-size {args.img_size or 'of the weights'} and --batch-size {args.batch_size}"):
+        results = fewshot_run(
+            args.weights, args.train, args.test, run_dir,
+            shots=args.shots, seeds=args.seeds, l2=args.l2, img_size=args.img_size, batch_size=args.batch_size,
+        )
     for row, scores in results["datasets"].items():
         print(f"{row:<28} {100 * scores['top1']:6.2f} ± {100 * scores['top1_std']:.2f} %")
     print(f"wrote {run_dir / RESULTS}")

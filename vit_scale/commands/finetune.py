@@ -3,9 +3,9 @@ vit_scale.evaluate.finetune, on N local ranks or as one rank of a launcher's job
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from vit_scale.commands.args import Parser
 from vit_scale.commands.ranks import add_launch_options, run_ranks
 from vit_scale.config import Batch, load_config, validate
 from vit_scale.dist import is_rank0
@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     from vit_scale.evaluate.finetune import primary_metric, run_finetune
     from vit_scale.observe.results import RESULTS
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vit-scale finetune",
         description="Fine-tune pretrained weights on a new task with the paper's recipe (Table 4). Resumes "
         "on its own from the run directory. Exit 0: done; 1: a rank crashed; 2: bad config or input; "
@@ -40,4 +40,4 @@ def main(argv: list[str]) -> int:
             print(f"{name}: {results['metric']} {100 * primary_metric(scores):.2f}%; wrote {run_dir / RESULTS}")
         return 0
 
-    return run_ranks("finetune", args, argv, lambda world: validate(cfg, world, "finetune"), body)
+    return run_ranks("finetune", args, argv, lambda world: validate(cfg, world, "finetune"), body, run_dir)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from vit_scale.commands.args import Parser
 from vit_scale.models.vit import variants_table
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vit-scale models", description=__doc__)
+    parser = Parser(prog="vit-scale models", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
     args = parser.parse_args(argv)
     rows = variants_table()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from vit_scale.commands.args import Parser
 from vit_scale.observe.report import METRICS, report
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vit-scale report", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="vit-scale report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument(
         "--out", help="output directory (default: RUN_DIR/report for one run, ./report for several)"

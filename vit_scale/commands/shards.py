@@ -6,6 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from vit_scale.commands.args import Parser, at_least, between
 from vit_scale.data import synth
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
 from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
@@ -16,14 +17,14 @@ USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,synth} ...
 
   build SOURCE --out DIR     write WebDataset tar shards and DIR/index.json from an image corpus
   merge-index DIR            join the indexes of a SLURM array build (DIR/part-*/index.json)
-  verify DIR                 re-read every shard: counts, sha256, every image decodes
+  verify DIR                 re-read every shard: counts, sha256, every image decodes, every label in range
   stats DIR                  counts per class, image sizes, bytes
   synth ...                  embedded synthetic corpora (fractals, digits)
 """
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale shards build", description="Write tar shards from an image corpus."
     )
     p.add_argument(
@@ -34,18 +35,35 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", default="", help="split to write (CIFAR train/test, VTAB lists, val with holdout)"
     )
-    p.add_argument("--max-side", type=int, default=0, help="resize so the longer side is at most N (0: keep)")
-    p.add_argument("--quality", type=int, default=JPEG_QUALITY, help="JPEG quality when re-encoding")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--shard-bytes", type=int, default=None, help="also cap each shard's size in bytes")
-    p.add_argument("--workers", type=int, default=default_workers(), help="conversion processes")
     p.add_argument(
-        "--val-holdout", type=int, default=0, help="hold out a fixed N images (--split val writes them)"
+        "--task",
+        default="",
+        help="the VTAB-1k task, recorded in index.json so that augmentations which change its labels are "
+        "refused (default for --format vtab: the source folder's name when it names a task)",
     )
-    p.add_argument("--array-index", type=int, default=0, help="this SLURM array task's part")
-    p.add_argument("--array-count", type=int, default=1, help="number of parts")
+    p.add_argument("--max-side", type=at_least(0), default=0, help="resize so the longer side is at most N (0: keep)")
+    p.add_argument("--quality", type=between(1, 100), default=JPEG_QUALITY, help="JPEG quality when re-encoding")
+    p.add_argument("--shard-size", type=at_least(1), default=1000, help="samples per shard")
+    p.add_argument("--shard-bytes", type=at_least(1), default=None, help="also cap each shard's size in bytes")
+    p.add_argument("--workers", type=at_least(1), default=default_workers(), help="conversion processes")
+    p.add_argument(
+        "--val-holdout", type=at_least(0), default=0, help="hold out a fixed N images (--split val writes them)"
+    )
+    p.add_argument("--array-index", type=at_least(0), default=0, help="this SLURM array task's part")
+    p.add_argument("--array-count", type=at_least(1), default=1, help="number of parts")
     p.add_argument(
         "--force", action="store_true", help="rebuild instead of resuming or keeping a complete build"
+    )
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="CSV lists: every label is a set of classes (`3;17`), and an empty label means no class",
+    )
+    p.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="read symbolic and hard links, and list entries outside the source folder (skipped or refused "
+        "by default: a corpus from someone else could point at your files)",
     )
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -68,6 +86,9 @@ def cmd_build(argv: list[str]) -> int:
         parts=a.array_count,
         force=a.force,
         progress=not a.no_progress,
+        multi_label=a.multi_label,
+        follow_links=a.follow_links,
+        task=a.task,
     )
     reasons = Counter(s["reason"].split(" (")[0] for s in index["skipped"])
     print(
@@ -82,7 +103,7 @@ def cmd_build(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vit-scale shards merge-index")
+    p = Parser(prog="vit-scale shards merge-index")
     p.add_argument("dir", help="the --out directory the array tasks wrote part-* folders into")
     p.add_argument("parts", nargs="*", help="part directories (default: every DIR/*/index.json)")
     a = p.parse_args(argv)
@@ -97,16 +118,23 @@ def cmd_verify(argv: list[str]) -> int:
 
     from vit_scale.data.verify import verify_shard  # decodes images: torch loads for this command only
 
-    p = argparse.ArgumentParser(prog="vit-scale shards verify")
+    p = Parser(prog="vit-scale shards verify")
     p.add_argument("dir")
     a = p.parse_args(argv)
     directory = Path(a.dir)
     index = read_index(directory)
-    console = Console(highlight=False)
+    kind, num_classes = index.get("labels", "cls"), index.get("num_classes")
+    if kind not in ("cls", "labels") or not isinstance(num_classes, int) or num_classes < 0:
+        raise UserError(
+            f"{directory / INDEX_NAME} declares labels={kind!r} and num_classes={num_classes!r}; "
+            "expected labels 'cls' or 'labels' and a class count: rebuild the shards"
+        )
+    # Shard names and problems quote files as they are; one line per shard, whatever the terminal's width.
+    console = Console(highlight=False, markup=False, soft_wrap=True)
     failed = 0
     rows = []
     for entry in track(index["shards"], description="verifying", console=console, transient=True):
-        problems = verify_shard(directory / entry["name"], entry)
+        problems = verify_shard(directory / entry["name"], entry, labels=kind, num_classes=num_classes)
         failed += bool(problems)
         rows.append((entry["name"], entry["samples"], "; ".join(problems) or "ok"))
     for name, n, status in rows:
@@ -115,7 +143,9 @@ def cmd_verify(argv: list[str]) -> int:
     if failed:
         console.print(f"FAILED: {failed} of {len(rows)} shards do not match {INDEX_NAME}")
         return 1
-    console.print(f"ok: {len(rows)} shards, {total} samples, every image decodes")
+    console.print(
+        f"ok: {len(rows)} shards, {total} samples, every image decodes, every label a {kind} label in [0, {num_classes})"
+    )
     return 0
 
 
@@ -124,7 +154,7 @@ def cmd_stats(argv: list[str]) -> int:
 
     from vit_scale.data.stats import shard_stats  # reads image formats: torch loads for this command only
 
-    p = argparse.ArgumentParser(prog="vit-scale shards stats")
+    p = Parser(prog="vit-scale shards stats")
     p.add_argument("dir")
     a = p.parse_args(argv)
     s = shard_stats(Path(a.dir))
@@ -155,7 +185,7 @@ def cmd_stats(argv: list[str]) -> int:
 
 
 def _synth_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vit-scale shards synth",
         description="Build an embedded corpus as shards: formula-driven fractals (pretraining) or "
         "scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
@@ -167,8 +197,8 @@ def _synth_parser() -> argparse.ArgumentParser:
     f.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     f.add_argument("--out", required=True, help="output directory for the shards and index.json")
     f.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes (default 0)")
-    f.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    f.add_argument("--shard-size", type=int, default=synth.SHARD_SIZE, help="samples per shard")
+    f.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    f.add_argument("--shard-size", type=at_least(1), default=synth.SHARD_SIZE, help="samples per shard")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("digits", help="scikit-learn's 1,797 handwritten digits, fixed train/test split")
     d.add_argument("--size", type=int, default=32, help="image side after upsampling (default 32)")
@@ -196,7 +226,13 @@ def cmd_synth(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "merge-index": cmd_merge, "verify": cmd_verify, "stats": cmd_stats, "synth": cmd_synth}
+COMMANDS = {
+    "build": cmd_build,
+    "merge-index": cmd_merge,
+    "verify": cmd_verify,
+    "stats": cmd_stats,
+    "synth": cmd_synth,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 
     vit-scale slurm pretrain CONFIG [key=value ...] --nodes N --gpus-per-node G [--partition P] [--time T]
                     [--account A] [--qos Q] [--constraint C] [--exclude NODES] [--mem M] [--dry-run]
+                    [--gpu MODEL] [--force]
     vit-scale slurm finetune CONFIG [key=value ...] ...      (the same options)
     vit-scale slurm shards SOURCE --out DIR --array N ... [-- BUILD OPTIONS]
                     a job array: task I runs `vit-scale shards build SOURCE --out DIR --array-index I
@@ -10,7 +11,13 @@
                     a job array, one task per VTAB-1k dataset; a follow-up job writes the table
 
 `--dry-run` prints the scripts; otherwise they are written to RUN_DIR/slurm/ and submitted with sbatch.
+For pretrain and finetune on GPUs whose model is known (`--gpu`, or a `--constraint` naming one), the job's
+`vit-scale plan` is printed first (on stderr) and a job that will not fit is refused, with the largest
+memory term and the `--fit` suggestion, unless `--force`.
 Inside the job, launch/env.py turns SLURM_* into RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+
+Every value that reaches a script (paths, names, overrides, options) is checked first: a control character
+is refused, shell lines get shell quoting and #SBATCH lines get sbatch's own (see `_sbatch_word`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from vit_scale.commands.args import Parser
 from vit_scale.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
@@ -31,9 +40,11 @@ KINDS = ("pretrain", "finetune", "shards", "vtab")
 
 # SLURM's --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]].
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-# #SBATCH lines are not shell-parsed, so a value may hold SLURM's own syntax (a100&ib, gpu[01-03]) but no
-# whitespace or quotes, which would end or garble the option.
-_SAFE = re.compile(r"^[^\s'\"\\]+$")
+# SLURM names and limits (partition, account, a100&ib, gpu[01-03], 64G) need no quoting: whitespace, quotes,
+# a backslash or '#' in one is a typo, and sbatch would split the #SBATCH line there or end it as a comment.
+_SAFE = re.compile(r"^[^\s'\"\\#]+$")
+# What an #SBATCH word may hold without quotes.
+_BARE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
 
 
 @dataclass
@@ -43,11 +54,6 @@ class Job:
     name: str  # file stem under RUN_DIR/slurm/
     script: str
     after: str = ""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def time_limit_seconds(text: str) -> int:
@@ -66,14 +72,63 @@ def time_limit_seconds(text: str) -> int:
     return a * 60 + b  # minutes[:seconds]
 
 
-def _safe(option: str, value: str) -> str:
-    if not _SAFE.match(value):
-        raise UserError(f"{option} {value!r} has whitespace or quotes, which an #SBATCH line cannot hold")
+def _text(option: str, value: str) -> str:
+    """`value`, once it is known to be text a script can hold: no control character (a newline or CR would
+    end the script's line and start a command of its own, a NUL cuts it), and encodable as UTF-8."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise UserError(
+            f"{option} {value!r} holds the control character {bad!r}, which would break a line of the "
+            "job script; rename it"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{option} {value!r} is not valid UTF-8 text; rename it") from None
     return value
 
 
+def _safe(option: str, value: str) -> str:
+    _text(option, value)
+    if not _SAFE.match(value):
+        raise UserError(
+            f"{option} {value!r} has whitespace, quotes, a backslash or '#', which an #SBATCH line cannot hold"
+        )
+    return value
+
+
+def _job_name(option: str, value: str) -> str:
+    # SLURM puts the job name into the log's file name (%x): a '/' would move the log to another directory.
+    if "/" in _text(option, value):
+        raise UserError(
+            f"{option} {value!r} holds '/', but SLURM names the job's log file after the job (%x), which would "
+            "put the log in another directory; give a --job-name without one"
+        )
+    return value
+
+
+def _sbatch_word(value: str) -> str:
+    """`value` as one word of an #SBATCH line. sbatch reads these lines itself, not through a shell: it splits
+    them at whitespace, ends them at an unquoted '#', and honours quotes and backslash escapes (the escape
+    also inside quotes), so a double-quoted word with '\\' and '"' escaped reads back as `value`."""
+    if _BARE.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _log_dir(option: str, path: Path) -> str:
+    """The directory of a job's log as an #SBATCH --output prefix. --output is a file name pattern (%j, %x):
+    a literal '%' is written '%%', and a backslash turns every pattern off, so it cannot be written at all."""
+    if "\\" in str(path):
+        raise UserError(
+            f"{option} {str(path)!r} holds a backslash, which SLURM's --output cannot hold (it turns off the "
+            "%j in the log's name); choose a path without one"
+        )
+    return _sbatch_word(str(path / "slurm").replace("%", "%%"))
+
+
 def build_parser(kind: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"vit-scale slurm {kind}", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=f"vit-scale slurm {kind}", description=__doc__.split("\n\n")[0])
     if kind == "shards":
         p.add_argument("source", help="image corpus, as for `vit-scale shards build`")
         p.add_argument("--out", required=True, help="shard directory; the parts go to OUT/part-*/")
@@ -97,6 +152,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
             default=300,
             help="SIGUSR1 this many seconds before the time limit, to checkpoint (default 300)",
         )
+        p.add_argument("--gpu", help="GPU model for the memory check (`vit-scale plan --help` lists them); "
+                       "default: the one --constraint names, if it names one")
+        p.add_argument("--force", action="store_true", help="queue the job even if the plan says it will not fit")
     else:
         p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per array task (default 0)")
     if kind == "vtab":
@@ -143,11 +201,17 @@ def _resources(args, gpus: int) -> str:
 
 def _vit_scale(*args: str) -> str:
     """The command line that runs `vit-scale ARGS` with this very interpreter (the user's environment)."""
-    return " ".join([shlex.quote(sys.executable), "-m", "vit_scale.cli", *args])
+    python = _text("the Python interpreter's path", sys.executable)
+    return " ".join([shlex.quote(python), "-m", "vit_scale.cli", *args])
 
 
 def _q(path: Path) -> str:
     return shlex.quote(str(path))
+
+
+def _words(option: str, values: list[str]) -> list[str]:
+    """`values` (overrides, build options) as shell words for the job's command line."""
+    return [shlex.quote(_text(option, v)) for v in values]
 
 
 def _cpus(args, workers: int) -> int:
@@ -162,9 +226,48 @@ def _config(args, kind: str, world_size: int):
     job's world size, before anything is queued."""
     from vit_scale.config import load_config, validate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_text("CONFIG", args.config), args.overrides)
     validate(cfg, world_size, kind)
     return cfg
+
+
+def _check_fits(cfg, args, gpus: int) -> None:
+    """Print the job's plan (stderr, so a --dry-run script on stdout stays a script) and refuse a job that
+    will not fit on its GPUs, unless --force."""
+    from vit_scale.plan import cluster, fit, gpu_from_constraint, lookup, make_plan
+    from vit_scale.plan.text import render
+
+    name = args.gpu or (gpu_from_constraint(args.constraint) if args.constraint else None)
+    if name is None:
+        print("vit-scale slurm: no memory check: give --gpu (or a --constraint naming one GPU model)", file=sys.stderr)
+        return
+    cl = cluster(lookup(name), args.nodes, gpus)
+    p = make_plan(cfg, cl).to_dict()
+    print(render(p) + "\n", file=sys.stderr)
+    if p["fits"] or args.force:
+        return
+    found = fit(cfg, cl)
+    suggestion = (f"`vit-scale plan --fit` suggests: {' '.join(found[1])}" if found
+                  else f"nothing fits on {cl.world} x {name}: use more or larger GPUs")
+    print(suggestion, file=sys.stderr)
+    largest = next(r for r in p["memory"] if r["label"] == p["offending"])
+    raise UserError(
+        f"the job will not fit: {p['offending']} ({largest['gib']:.1f} GiB) brings the total to "
+        f"{p['total_gib']:.1f} GiB per GPU on {name} ({p['capacity_gib']:g} GiB); {suggestion}; or pass --force"
+    )
+
+
+def _run_dir(args, cfg) -> tuple[Path, str]:
+    """The job's run directory, resolved, and the #SBATCH --output prefix of its logs (RUN_DIR/slurm)."""
+    option = "--run-dir" if args.run_dir else "run.dir"
+    run_dir = Path(_text(option, args.run_dir or cfg.run.dir)).resolve()
+    return run_dir, _log_dir(option, run_dir)
+
+
+def _recipe(args) -> list[str]:
+    """CONFIG and the overrides as the job's command line passes them on. Called after the validation pass,
+    so that a setting the job would refuse is refused with the job's own message."""
+    return [_q(Path(args.config).resolve()), *_words("override", args.overrides)]
 
 
 def plan(kind: str, args) -> tuple[list[Job], Path]:
@@ -176,9 +279,12 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         raise UserError(f"give --gpus-per-node (0 for CPU-only nodes) to `vit-scale slurm {kind}`")
     if gpus < 0:
         raise UserError(f"--gpus-per-node must be 0 or more, got {gpus}")
-    seconds = time_limit_seconds(args.time) if args.time else None
-    common = dict(workdir=_q(Path.cwd()), resources=_resources(args, gpus))
+    seconds = time_limit_seconds(_safe("--time", args.time)) if args.time else None
+    workdir = _sbatch_word(_text("the working directory", str(Path.cwd())))
+    common = dict(workdir=workdir, resources=_resources(args, gpus))
     follow_up = dict(common, resources=_resources(args, 0))  # merging indexes or a table needs no GPU
+    if args.job_name is not None:
+        _job_name("--job-name", args.job_name)
 
     if kind in ("pretrain", "finetune"):
         if args.nodes < 1:
@@ -192,22 +298,24 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
             )
         tasks_per_node = max(gpus, 1)
         cfg = _config(args, kind, args.nodes * tasks_per_node)
-        run_dir = Path(args.run_dir or cfg.run.dir).resolve()
-        command = _vit_scale(
-            kind, _q(Path(args.config).resolve()), *map(shlex.quote, args.overrides), "--run-dir", _q(run_dir)
-        )
+        if gpus:
+            _check_fits(cfg, args, gpus)
+        recipe = _recipe(args)
+        run_dir, log_dir = _run_dir(args, cfg)
+        name = args.job_name or _job_name("run.name (the default --job-name)", cfg.run.name)
         script = render_template(
             kind,
             dict(
                 common,
-                job_name=_safe("--job-name", args.job_name or cfg.run.name),
+                job_name=_sbatch_word(name),
                 nodes=args.nodes,
                 tasks_per_node=tasks_per_node,
                 cpus_per_task=_cpus(args, cfg.data.workers),
                 signal_seconds=args.signal_seconds,
                 requeue_code=REQUEUE_EXIT_CODE,
                 run_dir=_q(run_dir),
-                command=command,
+                log_dir=log_dir,
+                command=_vit_scale(kind, *recipe, "--run-dir", _q(run_dir)),
             ),
         )
         return [Job(kind, script)], run_dir
@@ -222,19 +330,20 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         from vit_scale.config import load_config
         from vit_scale.evaluate.vtab import check_tasks
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(_text("CONFIG", args.config), args.overrides)
         check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1))  # what each array task checks
-        run_dir = Path(args.run_dir or cfg.run.dir).resolve()
-        name = _safe("--job-name", args.job_name or f"{cfg.run.name}-vtab")
-        recipe = [_q(Path(args.config).resolve()), *map(shlex.quote, args.overrides)]
+        recipe = _recipe(args)
+        run_dir, log_dir = _run_dir(args, cfg)
+        name = args.job_name or _job_name("run.name (the default --job-name)", f"{cfg.run.name}-vtab")
         array = render_template(
             "vtab",
             dict(
                 common,
-                job_name=name,
+                job_name=_sbatch_word(name),
                 tasks_per_node=max(gpus, 1),
                 cpus_per_task=_cpus(args, cfg.data.workers),
                 run_dir=_q(run_dir),
+                log_dir=log_dir,
                 array_size=len(tasks),
                 array_last=len(tasks) - 1,
                 tasks=" ".join(tasks),
@@ -247,8 +356,8 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
             "collect",
             dict(
                 follow_up,
-                job_name=f"{name}-table",
-                log_dir=f"{_q(run_dir)}/slurm",
+                job_name=_sbatch_word(f"{name}-table"),
+                log_dir=log_dir,
                 what="the VTAB-1k table",
                 command=_vit_scale("vtab", *recipe, "--collect", "--run-dir", _q(run_dir)),
             ),
@@ -258,12 +367,13 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
 
     if args.array < 1:
         raise UserError(f"--array must be at least 1, got {args.array}")
-    out = Path(args.out).resolve()
-    name = _safe("--job-name", args.job_name or f"shards-{out.name}")
+    out = Path(_text("--out", args.out)).resolve()
+    log_dir = _log_dir("--out", out)
+    name = args.job_name or f"shards-{out.name}"
     build = _vit_scale(
         "shards",
         "build",
-        shlex.quote(args.source),
+        shlex.quote(_text("SOURCE", args.source)),
         "--out",
         _q(out),
         "--array-index",
@@ -271,16 +381,16 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         "--array-count",
         str(args.array),
         "--no-progress",
-        *map(shlex.quote, args.build_args),
+        *_words("build option", args.build_args),
     )
     array = render_template(
         "shards",
         dict(
             common,
-            job_name=name,
+            job_name=_sbatch_word(name),
             cpus_per_task=_cpus(args, 0),
             out=_q(out),
-            log_dir=f"{_q(out)}/slurm",
+            log_dir=log_dir,
             array_size=args.array,
             array_last=args.array - 1,
             command=build,
@@ -290,8 +400,8 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         "collect",
         dict(
             follow_up,
-            job_name=f"{name}-merge",
-            log_dir=f"{_q(out)}/slurm",
+            job_name=_sbatch_word(f"{name}-merge"),
+            log_dir=log_dir,
             what=f"the part indexes into {out}/index.json",
             command=_vit_scale("shards", "merge-index", _q(out)),
         ),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vit_scale.commands.ranks import add_launch_options, run_ranks
+from vit_scale.commands.args import Parser, at_least
+from vit_scale.commands.ranks import add_launch_options, run_lock, run_ranks, writer_lock
 from vit_scale.config import Batch, Config, load_config
 from vit_scale.dist import is_rank0
 from vit_scale.errors import UserError
@@ -35,7 +36,7 @@ def _split_positional(first: str, overrides: list[str]) -> tuple[str | None, lis
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vit-scale vtab",
         description="Fine-tune and evaluate on the VTAB-1k tasks; write one table.",
         epilog=__doc__.split("Commands:")[1].split("The recipe")[0],
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
     one = parser.add_mutually_exclusive_group()
     one.add_argument("--task", default=None, help="run this one task only (its run dir is --run-dir)")
     one.add_argument(
-        "--task-index", type=int, default=None, help="run the I-th selected task only (SLURM arrays)"
+        "--task-index", type=at_least(0), default=None, help="run the I-th selected task only (SLURM arrays)"
     )
     one.add_argument("--collect", action="store_true", help="only write the table from finished tasks")
     parser.add_argument(
@@ -79,18 +80,34 @@ def main(argv: list[str]) -> int:
     root = cfg.eval.vtab_data
     # An unknown task name is refused before any process starts; the rest of the checks are check_tasks'.
     tasks = [task_name(args.task)] if args.task else select_tasks(root, args.tasks)
+
+    def check(world: int) -> Batch:
+        batch = check_tasks(cfg, root, tasks, args.sweep, world)
+        if is_rank0():  # a task in use fails the whole run now, not after the tasks before it
+            for task_dir in _task_dirs(args, tasks, run_dir):
+                run_lock(task_dir).check_free()
+        return batch
+
     return run_ranks(
-        "vtab",
-        args,
-        argv,
-        lambda world: check_tasks(cfg, root, tasks, args.sweep, world),
-        lambda batch: _run_tasks(cfg, args, root, tasks, run_dir, label, batch),
+        "vtab", args, argv, check, lambda batch: _run_tasks(cfg, args, root, tasks, run_dir, label, batch)
     )
 
 
-def _run_tasks(cfg: Config, args, root: str, tasks: list[str], run_dir: Path, label: str, batch: Batch) -> int:
+def _task_dirs(args, tasks: list[str], run_dir: Path) -> list[Path]:
+    """Where each selected task trains: the run directory itself with --task, else RUN/<task>."""
     if args.task:
-        res = run_task(cfg, root, args.task, run_dir, args.sweep, label, batch)
+        return [run_dir]
+    if args.task_index is not None and 0 <= args.task_index < len(tasks):
+        return [run_dir / tasks[args.task_index]]
+    return [run_dir / task for task in tasks]
+
+
+def _run_tasks(cfg: Config, args, root: str, tasks: list[str], run_dir: Path, label: str, batch: Batch) -> int:
+    # Each task's directory has its writer lock while it trains: array tasks of one RUN run side by side,
+    # and a second run of the same task fails at once.
+    if args.task:
+        with writer_lock(run_dir):
+            res = run_task(cfg, root, args.task, run_dir, args.sweep, label, batch)
         _print_task(args.task, res)
         return 0
     if args.task_index is not None:
@@ -100,7 +117,8 @@ def _run_tasks(cfg: Config, args, root: str, tasks: list[str], run_dir: Path, la
             )
         tasks = [tasks[args.task_index]]
     for task in tasks:
-        res = run_task(cfg, root, task, run_dir / task, args.sweep, label, batch)
+        with writer_lock(run_dir / task):
+            res = run_task(cfg, root, task, run_dir / task, args.sweep, label, batch)
         _print_task(task, res)
     if args.task_index is None:
         results = collect(run_dir, label)

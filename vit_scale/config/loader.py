@@ -30,9 +30,13 @@ class ConfigError(UserError):
 def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
     """The mapping in `path` and, for every dotted key, 'file:line' where it was set."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

@@ -38,9 +38,18 @@ class DataConfig:
     workers: int = 4  # DataLoader workers per rank
     shuffle_buffer: int = 2000
     labels: Literal["int", "multi"] = "int"  # int: softmax; multi: multi-hot, sigmoid
-    augment: Literal["inception", "center"] = "inception"  # RandomResizedCrop + flip, or resize + centre crop
+    # Training input. inception: a random crop (area crop_area_min..1, aspect 3/4..4/3) resized to S x S, then
+    # the flip (the paper's fine-tuning pipeline); resize: the whole image resized to S x S, nothing random
+    # (the VTAB protocol); center: the shorter side resized to S, then the central S x S crop.
+    augment: Literal["inception", "resize", "center"] = "inception"
     crop_area_min: float = 0.05
-    hflip: bool = True
+    hflip: bool = True  # with augment=inception: mirror half the crops
+    # Evaluation input. none: the whole image resized to S x S (the paper's pipeline); center: the shorter
+    # side resized to S, then the central S x S crop.
+    eval_crop: Literal["none", "center"] = "none"
+    # A VTAB-1k task name: the augmentations that change its labels are refused (config/tasks.py). Shards
+    # built with `--format vtab` record their task in index.json, which validation reads as well.
+    task: str = ""
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"
     # timm's batch Mixup / CutMix in training (DeiT: 0.8 / 1.0): Beta alphas, 0 is off; with both on,
     # each micro batch gets one of the two. Softmax loss on soft targets; optim.label_smoothing applies.
@@ -61,6 +70,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     loss: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid when data.labels is "multi"
     label_smoothing: float = 0.0
+    # Polyak averaging of the parameters: after every applied step average = f * average + (1 - f) * params.
+    # 0 turns it off; the paper's ImageNet fine-tunes use 0.9999. Evaluation and export use the average.
+    ema_decay: float = 0.0
 
 
 @dataclass

@@ -8,14 +8,17 @@ Allowed values of enumerated settings are typed in the schema (`Literal[...]`) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from vit_scale.config.loader import ConfigError
 from vit_scale.config.schema import Config, TrainConfig
+from vit_scale.config.tasks import VTAB_TASKS, canonical, refusal
 from vit_scale.config.variants import VARIANTS, model_dims
 
 Kind = Literal["pretrain", "finetune"]
@@ -86,12 +89,14 @@ RANGES: dict[str, tuple] = {
     "optim.weight_decay": (0.0, None),
     "optim.grad_clip": (0.0, None, "off"),
     "optim.label_smoothing": (0.0, (1.0,)),
+    "optim.ema_decay": (0.0, (1.0,), "off"),
     "schedule.warmup_steps": (0, None),
     "schedule.end_lr": (0.0, None),
     "train.steps": (1, None),
     "train.epochs": ((0.0,), None),
     "train.examples": (1, None),
     "train.global_batch": (1, None),
+    "train.seed": (0, 2**31 - 1),  # the streams re-derive 31-bit seeds from it (train/loop.reseed_for)
     "train.micro_batch_per_rank": (1, None),
     "train.grad_accum": (1, None),
     "train.max_consecutive_skips": (1, None),
@@ -160,6 +165,32 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers, e.g. [0.9, 0.999]")
 
 
+def _strings(obj, prefix: str = ""):
+    """(dotted key, text) of every string setting, list elements included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _strings(value, f"{prefix}{f.name}.")
+        elif isinstance(value, str):
+            yield f"{prefix}{f.name}", value
+        elif isinstance(value, list):
+            yield from ((f"{prefix}{f.name}", v) for v in value if isinstance(v, str))
+
+
+def check_text(cfg: Config) -> None:
+    """String settings become paths, names, table cells and lines of job scripts: a control character (a
+    newline, CR, NUL, an escape) in one would split or garble them, and text that is not UTF-8 cannot be
+    written into config.yaml."""
+    for key, value in _strings(cfg):
+        bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise ConfigError(f"{key}={value!r} holds the control character {bad!r}; remove it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}={value!r} is not valid UTF-8 text") from None
+
+
 # ---------------------------------------------------------------- combinations
 
 
@@ -192,6 +223,11 @@ def _check_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"parallel.offload_optimizer needs ZeRO stage 2 or 3, but parallel.zero_stage={p.zero_stage}"
         )
+    if p.offload_optimizer and cfg.optim.name != "adamw":
+        raise ConfigError(
+            f"parallel.offload_optimizer steps with DeepSpeed's CPU Adam only, but optim.name={cfg.optim.name}; "
+            "use optim.name=adamw or set parallel.offload_optimizer=false"
+        )
     if p.offload_params and p.zero_stage < 3:
         raise ConfigError(f"parallel.offload_params needs ZeRO stage 3, but parallel.zero_stage={p.zero_stage}")
     if p.world_size is not None and p.world_size != world_size:
@@ -214,19 +250,75 @@ def _check_data(cfg: Config) -> None:
     lengths = [x for x in (t.steps, t.epochs, t.examples) if x is not None]
     if len(lengths) > 1:
         raise ConfigError("give only one of train.steps, train.epochs, train.examples")
+    _check_randaugment(cfg.data.randaugment)
     if cfg.eval.every_steps > 0 and not cfg.data.val:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} scores data.val; set data.val=SHARDS")
 
 
-def index_classes(source: str) -> int:
-    """Classes a shard directory's index.json declares; 0 when it cannot tell (patterns, pipes)."""
+def _check_randaugment(spec: str) -> None:
+    """The spec through the parser the data loader will use (timm's), so a typo stops the run now and not
+    in the first batch of a loader worker."""
+    if not spec:
+        return
+    from timm.data import rand_augment_transform
+
+    try:
+        rand_augment_transform(spec, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(
+            f"data.randaugment={spec!r} is not a timm RandAugment spec ({e or 'it must start with rand-'}); "
+            "e.g. rand-m9-mstd0.5"
+        ) from None
+
+
+def _index(source: str) -> dict:
+    """A shard directory's index.json; {} when there is none (patterns, pipes) or it cannot be read."""
     index = Path(source) / "index.json"
     if not index.is_file():
-        return 0
+        return {}
     try:
-        return int(json.loads(index.read_text()).get("num_classes") or 0)
-    except (OSError, ValueError, AttributeError):
-        return 0  # the data layer reports an unreadable index with its own message when it opens it
+        found = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}  # the data layer reports an unreadable index with its own message when it opens it
+    return found if isinstance(found, dict) else {}
+
+
+def index_classes(source: str) -> int:
+    """Classes a shard directory's index.json declares; 0 when it cannot tell (patterns, pipes)."""
+    try:
+        return int(_index(source).get("num_classes") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def index_task(source: str) -> str:
+    """The task a shard directory's index.json records (`shards build --format vtab`); "" when none."""
+    return str(_index(source.strip()).get("task") or "") if source.strip() else ""
+
+
+def data_tasks(cfg: Config) -> list[str]:
+    """The tasks the run's data belongs to: `data.task`, and each shard directory's recorded task."""
+    sources = [*cfg.data.train.split("::"), cfg.data.val, cfg.data.test, cfg.sweep.final_train]
+    found = [cfg.data.task] + [index_task(s) for s in sources]
+    return list(dict.fromkeys(t for t in found if t))
+
+
+def _check_augmentation(cfg: Config) -> None:
+    d = cfg.data
+    if d.randaugment and d.augment != "inception":
+        raise ConfigError(
+            f"data.randaugment={d.randaugment!r} applies to inception crops only, but "
+            f"data.augment={d.augment}; set data.augment=inception or data.randaugment=''"
+        )
+    if d.task and canonical(d.task) not in VTAB_TASKS:
+        raise ConfigError(
+            f"data.task={d.task!r} is not a VTAB-1k task; leave it empty or name one of: "
+            + ", ".join(VTAB_TASKS)
+        )
+    for task in data_tasks(cfg):
+        why = refusal(task, d.augment, d.hflip, d.randaugment, d.eval_crop)
+        if why:
+            raise ConfigError(why)
 
 
 def _check_finetune(cfg: Config) -> None:
@@ -257,10 +349,12 @@ def _check_finetune(cfg: Config) -> None:
 def validate(cfg: Config, world_size: int, kind: Kind = "pretrain") -> Batch:
     """Raise ConfigError on a value out of range or an impossible or unsafe combination of settings for
     `world_size` processes; return how the global batch splits over them."""
+    check_text(cfg)
     check_ranges(cfg)
     _check_model(cfg)
     _check_parallel(cfg, world_size)
     _check_data(cfg)
+    _check_augmentation(cfg)
     if kind == "finetune":
         _check_finetune(cfg)
     batch = Batch(*resolve_batch(cfg.train, world_size), world_size=world_size)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from vit_scale.config.tasks import VTAB_TASKS, canonical
 from vit_scale.data.shards import INDEX_NAME, PROGRESS_NAME, ShardWriter
 from vit_scale.data.sources import load_corpus, read_items, select
 from vit_scale.errors import UserError
+from vit_scale.io import writable_dir
 
 JPEG_QUALITY = 90
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -96,22 +98,35 @@ def build(
     parts: int = 1,
     force: bool = False,
     progress: bool = True,
+    multi_label: bool = False,
+    follow_links: bool = False,
+    task: str = "",
 ) -> dict:
-    """Build shards; returns the index. A complete build with the same options is left as it is."""
+    """Build shards; returns the index. A complete build with the same options is left as it is.
+
+    `multi_label` declares a CSV list multi-label (an empty label is then an image of no class);
+    `follow_links` reads links and list entries that lead outside the source (see `sources.load_corpus`).
+    `task` (a VTAB-1k task name; for `--format vtab` by default the source folder's name when it is one)
+    goes into index.json, where validation finds which augmentations would change the labels."""
     if parts < 1 or not 0 <= part < parts:
         raise UserError(f"--array-index {part} must be in 0..{parts - 1} for --array-count {parts}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    corpus = load_corpus(source, fmt, split)
+    writable_dir(out, "--out")  # listing a large corpus takes minutes: refuse an unwritable --out first
+    corpus = load_corpus(source, fmt, split, multi_label=multi_label, follow_links=follow_links)
+    task = dataset_task(source, corpus.format, task)
     options = {
         "source": str(Path(source).resolve()),
         "format": corpus.format,
+        "task": task,
         "split": split,
         "max_side": max_side,
         "quality": quality,
         "val_holdout": holdout,
         "array_index": part,
         "array_count": parts,
+        "multi_label": multi_label,
+        "follow_links": follow_links,
     }
     out_dir = Path(out)
     if parts > 1:
@@ -126,6 +141,8 @@ def build(
         index_path.unlink(missing_ok=True)
     items = select(corpus.items, holdout=holdout, split=split, part=part, parts=parts)
     extra = {"build": options, "shard_size": shard_size, "empty_classes": corpus.empty_classes}
+    if task:
+        extra["task"] = task
     with ShardWriter(
         out_dir,
         shard_size=shard_size,
@@ -144,6 +161,18 @@ def build(
         _write_all(writer, todo, max_side, quality, workers, progress, resumed=writer.resume_inputs)
         index = writer.close()
     return index
+
+
+def dataset_task(source: str, fmt: str, task: str) -> str:
+    """The task to record: the one named (which must be a VTAB-1k task), else for a VTAB-1k folder its name
+    when that names a task, else none."""
+    if task:
+        if canonical(task) not in VTAB_TASKS:
+            known = ", ".join(VTAB_TASKS)
+            raise UserError(f"--task {task!r} is not a VTAB-1k task; the 19 tasks are: {known}")
+        return canonical(task)
+    folder = canonical(Path(source).resolve().name)
+    return folder if fmt == "vtab" and folder in VTAB_TASKS else ""
 
 
 def _write_all(writer, items, max_side, quality, workers, progress, resumed) -> None:

@@ -15,6 +15,7 @@ array build wrote into one for the whole set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,19 +24,41 @@ from pathlib import Path
 
 from vit_scale.data.tar import TAR_END, member_bytes
 from vit_scale.errors import UserError
-from vit_scale.io import atomic_write_json, fsync_dir
+from vit_scale.io import atomic_write_json, disk_full_error, fsync_dir, is_disk_full
 
 INDEX_NAME = "index.json"
 PROGRESS_NAME = ".progress.json"
 FORMAT = "vit-scale-shards"
 FORMAT_VERSION = 1
-_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+# Letters and digits of any script, '_' and '-'; a '~' only before the hash that `make_key` and
+# `unique_key` append, so a key carrying one never equals a name kept as it is.
+_KEY_OK = re.compile(r"^[\w\-]+(~[0-9a-f]{16})?$")
+_PREFIX_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+MAX_KEY_BYTES = 80  # ustar keeps 100 bytes of a member name: the key, a dot and the longest extension fit
+
+
+def _key_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def make_key(text: str) -> str:
-    """A WebDataset key from a path or name: no dots (WebDataset splits the extension at the first one)."""
-    key = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
-    return key or "sample"
+    """A WebDataset key from a path or name: no dots (WebDataset splits the extension at the first one).
+
+    Letters of any script are kept (`猫/写真.jpg` -> `猫_写真_jpg`); every other run of characters becomes
+    `_`. A key too long for a tar header is cut and made unique again by a hash of the whole text.
+    """
+    key = re.sub(r"[^\w\-]+", "_", text).strip("_") or "sample"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        cut = key.encode()[: MAX_KEY_BYTES - 17].decode("utf-8", "ignore")
+        key = f"{cut}~{_key_hash(text)}"
+    return key
+
+
+def unique_key(key: str, text: str) -> str:
+    """A key for `text` that cannot collide with readable keys: two names that `make_key` maps alike
+    (`a b.jpg` and `a_b.jpg`) both get one, told apart by a hash of the whole text."""
+    base = key.split("~")[0].encode()[: MAX_KEY_BYTES - 17].decode("utf-8", "ignore")
+    return f"{base}~{_key_hash(text)}"
 
 
 def label_text(label: int | list[int]) -> tuple[str, bytes]:
@@ -103,7 +126,7 @@ class ShardWriter:
             raise UserError(f"shard size must be at least 1 sample, got {shard_size}")
         if shard_bytes is not None and shard_bytes < 1:
             raise UserError(f"shard bytes must be positive, got {shard_bytes}")
-        if not _KEY_OK.match(prefix):
+        if not _PREFIX_OK.match(prefix):
             raise UserError(f"shard prefix {prefix!r} may hold only letters, digits, '_' and '-'")
         self.out_dir = Path(out_dir)
         self.shard_size = shard_size
@@ -253,14 +276,17 @@ class ShardWriter:
         elif self.labels_kind != kind:
             raise ValueError(f"sample {key}: {kind} label in a shard set of {self.labels_kind} labels")
         data = sample_bytes(key, image, ext, label, meta)
-        if self._file is not None and (
-            self._count >= self.shard_size
-            or (self.shard_bytes is not None and self._bytes + len(data) + len(TAR_END) > self.shard_bytes)
-        ):
-            self._finish_shard()
-        if self._file is None:
-            self._open_shard()
-        self._file.write(data)
+        with self._space_for(len(data)):
+            if self._file is not None and (
+                self._count >= self.shard_size
+                or (
+                    self.shard_bytes is not None and self._bytes + len(data) + len(TAR_END) > self.shard_bytes
+                )
+            ):
+                self._finish_shard()
+            if self._file is None:
+                self._open_shard()
+            self._file.write(data)
         self._hash.update(data)
         self._bytes += len(data)
         self._count += 1
@@ -279,10 +305,29 @@ class ShardWriter:
             self._pending_skips.append(entry)
             self._pending_inputs += 1
 
+    @contextlib.contextmanager
+    def _space_for(self, more: int):
+        """A full disk becomes one line with the shard's path, the free space and what it needed; the
+        incomplete shard is dropped (completed ones and the progress file stay, so the build resumes)."""
+        try:
+            yield
+        except OSError as e:
+            needed = self._bytes + more + len(TAR_END)
+            if not is_disk_full(e, self.out_dir, needed):
+                raise
+            where = self._tmp_path if self._file is not None else self.out_dir
+            err = disk_full_error(
+                where, needed, "shard",
+                f"the {len(self.shards)} completed shards are kept: free space, then run the same command to resume",
+            )  # fmt: skip
+            self.abort()
+            raise err from None
+
     def abort(self) -> None:
         """Drop the incomplete shard; completed ones and the progress file stay for a resume."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._file.close()
             self._file = None
             self._tmp_path.unlink(missing_ok=True)
         self._closed = True
@@ -291,14 +336,15 @@ class ShardWriter:
         """Finish the last shard and write index.json; returns the index."""
         if self._closed:
             return self.index()
-        if self._file is not None:
-            self._finish_shard()
-        self.skipped.extend(self._pending_skips)
-        self.inputs_done += self._pending_inputs
-        self._pending_skips, self._pending_inputs = [], 0
+        with self._space_for(0):
+            if self._file is not None:
+                self._finish_shard()
+            self.skipped.extend(self._pending_skips)
+            self.inputs_done += self._pending_inputs
+            self._pending_skips, self._pending_inputs = [], 0
+            index = self.index()
+            atomic_write_json(self.out_dir / INDEX_NAME, index)
         self._closed = True
-        index = self.index()
-        atomic_write_json(self.out_dir / INDEX_NAME, index)
         (self.out_dir / PROGRESS_NAME).unlink(missing_ok=True)
         return index
 
@@ -386,6 +432,11 @@ def merge_index(directory: str | Path, parts: list[str] | None = None) -> dict:
         shards += [{**s, "name": f"{rel.as_posix()}/{s['name']}"} for s in i["shards"]]
         skipped += i["skipped"]
     extra = {"empty_classes": indexes[0].get("empty_classes", []), "parts": [d.name for d in part_dirs]}
+    tasks = {i.get("task", "") for i in indexes}
+    if len(tasks) > 1:
+        raise UserError(f"the parts in {directory} name different tasks ({', '.join(sorted(tasks))})")
+    if task := tasks.pop():
+        extra["task"] = task  # its augmentation rules hold for the whole set
     index = make_index(
         shards,
         classes=classes,

@@ -48,13 +48,29 @@ def _octal(field: bytes) -> int:
     return int(field or b"0", 8)
 
 
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+_NOT_REGULAR = {
+    b"1": "hard link",
+    b"2": "symbolic link",
+    b"3": "character device",
+    b"4": "block device",
+    b"6": "FIFO",
+}
+
+
+def _header_name(header: bytes, errors: str = "strict") -> str:
+    name = header[:100].split(b"\0", 1)[0].decode(errors=errors)
+    prefix = header[345:500].split(b"\0", 1)[0].decode(errors=errors) if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def tar_members(stream, skipped: list[str] | None = None) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files in a tar stream, in order, WebDataset's metadata left out.
 
     A lean reader for the one thing shards need, about 10x cheaper per member than `tarfile` (which was
     a sixth of the CPU time per image): ustar headers with their checksum checked, GNU long names and pax
-    `path` records; links, directories and other entries are skipped. Raises ValueError on a damaged header
-    or a stream that ends inside a member.
+    `path` records; links, directories and other entries are skipped, and links, devices and FIFOs are
+    described in `skipped` when it is given. Raises ValueError on a damaged header or a stream that ends
+    inside a member.
     """
     long_name = None
     while True:
@@ -83,28 +99,29 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
                     long_name = kv[5:]
             continue
         if kind not in (b"0", b"\0", b"7"):
+            if skipped is not None and kind in _NOT_REGULAR:
+                name = long_name or _header_name(header, errors="replace")
+                target = header[157:257].split(b"\0", 1)[0].decode(errors="replace")
+                skipped.append(f"{name} ({_NOT_REGULAR[kind]}{f' to {target}' if target else ''})")
             long_name = None
             continue
         if long_name is not None:
             name, long_name = long_name, None
         else:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
-            if prefix:
-                name = f"{prefix}/{name}"
+            name = _header_name(header)
         if _is_metadata(name):
             continue
         yield name, data
 
 
-def tar_samples(stream) -> Iterator[dict]:
+def tar_samples(stream, skipped: list[str] | None = None) -> Iterator[dict]:
     """The samples of a tar stream: `{"__key__": key, ext: bytes, ...}`, grouped by the rule above.
 
     A sample is yielded once the next key starts or the archive ends: a stream that breaks (ValueError from
     `tar_members`) never yields the sample in progress, since nothing tells whether it was complete.
     """
     current: dict | None = None
-    for name, data in tar_members(stream):
+    for name, data in tar_members(stream, skipped):
         key, ext = split_key(name)
         if key is None:
             continue

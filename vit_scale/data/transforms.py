@@ -18,6 +18,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+# Tries at an inception crop before taking the whole image (tf.image.sample_distorted_bounding_box's default).
+CROP_ATTEMPTS = 100
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "gif", "tif", "tiff")
 
 
@@ -52,12 +54,14 @@ def inception_crop_box(
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop covering area_min..area_max of the image with aspect 3/4..4/3.
 
-    torchvision's RandomResizedCrop.get_params, with its draws taken from `rng`; the paper's code uses
-    area 0.05..1 (big_vision `inception_crop`).
+    The paper's fine-tuning pipeline (vit_jax `input_pipeline.py`, big_vision `inception_crop`) takes
+    TensorFlow's `sample_distorted_bounding_box` with area 0.05..1 and its aspect range 3/4..4/3: up to 100
+    tries, the whole image when none fits. The draws are torchvision's (RandomResizedCrop.get_params: area
+    uniform, aspect log-uniform), taken from `rng`.
     """
     area = height * width
     log_ratio = (math.log(3 / 4), math.log(4 / 3))
-    for _ in range(10):
+    for _ in range(CROP_ATTEMPTS):
         target_area = area * rng.uniform(area_min, area_max)
         aspect = math.exp(rng.uniform(*log_ratio))
         w = round(math.sqrt(target_area * aspect))
@@ -66,16 +70,7 @@ def inception_crop_box(
             top = rng.randint(0, height - h)
             left = rng.randint(0, width - w)
             return top, left, h, w
-    # Fallback: a centre crop at the nearest allowed aspect ratio.
-    ratio = width / height
-    if ratio < 3 / 4:
-        w, h = width, round(width / (3 / 4))
-    elif ratio > 4 / 3:
-        h, w = height, round(height * (4 / 3))
-    else:
-        w, h = width, height
-    h, w = min(h, height), min(w, width)
-    return (height - h) // 2, (width - w) // 2, h, w
+    return 0, 0, height, width
 
 
 def train_transform(
@@ -87,7 +82,7 @@ def train_transform(
     hflip: bool = True,
     randaugment=None,
 ) -> torch.Tensor:
-    """Inception crop to size × size, optional horizontal flip and RandAugment; uint8 in, uint8 out.
+    """Inception crop resized to size × size, optional horizontal flip and RandAugment; uint8 in, uint8 out.
 
     The result may be channels-last in memory; the pipeline copies it into its batch tensor anyway.
     """
@@ -107,7 +102,13 @@ def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return TF.resize(batch, [h, w], antialias=True)[0]
 
 
-def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
+def resize_transform(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The whole image resized to size × size, aspect ratio not kept: the paper's evaluation input
+    (`tf.image.resize(im, [crop_size, crop_size])` in vit_jax) and the VTAB protocol's only preprocessing."""
+    return _resize(img, size, size)
+
+
+def center_transform(img: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to `size` and take the central size × size crop."""
     _, h, w = img.shape
     scale = size / min(h, w)
@@ -115,6 +116,11 @@ def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
     out = _resize(img, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
     return out[:, top : top + size, left : left + size]
+
+
+def eval_transform(img: torch.Tensor, size: int, crop: str = "none") -> torch.Tensor:
+    """Evaluation input (`data.eval_crop`): "none" resizes the whole image, "center" crops the middle."""
+    return center_transform(img, size) if crop == "center" else resize_transform(img, size)
 
 
 def make_randaugment(spec: str, img_size: int):

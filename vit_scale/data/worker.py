@@ -19,9 +19,11 @@ from vit_scale.data.shards import parse_labels
 from vit_scale.data.streams import BAD, EmptyStream, EpochStream, derive_seed
 from vit_scale.data.transforms import (
     IMAGE_EXTS,
+    center_transform,
     decode_rgb,
     eval_transform,
     make_randaugment,
+    resize_transform,
     train_transform,
 )
 
@@ -89,13 +91,17 @@ class WorkerStreams(IterableDataset):
             raise ValueError("no image member")
         label = self._label(sample)
         img = decode_rgb(sample[ext])
-        if self.train and self.cfg.augment == "inception":
+        if not self.train:
+            return eval_transform(img, self.img_size, self.cfg.eval_crop), label
+        if self.cfg.augment == "inception":
             rng = random.Random(derive_seed(self.seed, "aug", p, position))
             img = train_transform(
                 img, self.img_size, rng, area_min=self.cfg.crop_area_min, hflip=self.cfg.hflip, randaugment=ra
             )
+        elif self.cfg.augment == "resize":
+            img = resize_transform(img, self.img_size)
         else:
-            img = eval_transform(img, self.img_size)
+            img = center_transform(img, self.img_size)
         return img, label
 
     def _new_batch(self, in_worker: bool) -> torch.Tensor:

@@ -84,10 +84,11 @@ def score(model: nn.Module, cfg: Config, sources: dict[str, str], progress: bool
     """`evaluate` of the model being trained (by `cfg`) on each named source that is set, every rank scoring
     its share. An fp32 copy is scored, so the result is the same whatever the engine did to the module
     (bf16 casting, ZeRO-3 partitioning)."""
+    from vit_scale.dist import device as rank_device
     from vit_scale.dist import rank, world_size
-    from vit_scale.evaluate.common import eval_device, plain_copy
+    from vit_scale.evaluate.common import plain_copy
 
-    device = eval_device()
+    device = rank_device()
     scored = plain_copy(model, cfg.model, device, keep_head=True)
     img_size = cfg.eval.img_size or cfg.model.img_size
     return {
@@ -119,11 +120,12 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
+        from rich.markup import escape
         from rich.progress import Progress
 
         self._bar = Progress(transient=True)
         self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total)
+        task = self._bar.add_task(escape(self.label), total=self.total)  # a dataset name is not markup
         return lambda: self._bar.advance(task)
 
     def __exit__(self, *exc):

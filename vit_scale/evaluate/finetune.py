@@ -75,11 +75,12 @@ def finetune_once(cfg: Config, run_dir: str | Path, eval_sources: dict[str, str]
     from vit_scale.train.loop import train
 
     summary = train(cfg, run_dir, batch, model=model, hooks=training_hooks(cfg))
-    # After a resume that found the run finished, the module holds the final checkpoint's weights.
-    scores = score(model, cfg, eval_sources, progress=cfg.logging.progress)
+    # The trained module, or the parameter average with optim.ema_decay; after a resume that found the run
+    # finished, they hold the final checkpoint's weights.
+    scores = score(summary["model"], cfg, eval_sources, progress=cfg.logging.progress)
     out = {
         "lr": cfg.optim.lr,
-        "steps": (summary or {}).get("step", cfg.train.steps),
+        "steps": summary["step"],
         "init": {"path": pre.path, "source": pre.source, "img_size": pre.model.img_size},
         "eval": scores,
     }

@@ -16,38 +16,11 @@ import copy
 from pathlib import Path
 
 from vit_scale.config import Batch, Config, ConfigError
+from vit_scale.config.tasks import ALIASES, GROUPS
+from vit_scale.config.tasks import VTAB_TASKS as TASKS
 from vit_scale.dist import on_rank0
 from vit_scale.errors import UserError
 from vit_scale.observe.results import RESULTS, read_results, write_results
-
-# The paper's 19 tasks (Appendix, VTAB-1k): group and number of classes.
-TASKS: dict[str, tuple[str, int]] = {
-    "caltech101": ("Natural", 102),
-    "cifar100": ("Natural", 100),
-    "dtd": ("Natural", 47),
-    "oxford_flowers102": ("Natural", 102),
-    "oxford_iiit_pet": ("Natural", 37),
-    "sun397": ("Natural", 397),
-    "svhn": ("Natural", 10),
-    "patch_camelyon": ("Specialized", 2),
-    "eurosat": ("Specialized", 10),
-    "resisc45": ("Specialized", 45),
-    "diabetic_retinopathy": ("Specialized", 5),
-    "clevr_count": ("Structured", 8),
-    "clevr_dist": ("Structured", 6),
-    "dmlab": ("Structured", 6),
-    "dsprites_loc": ("Structured", 16),
-    "dsprites_ori": ("Structured", 16),
-    "kitti_dist": ("Structured", 4),
-    "smallnorb_azi": ("Structured", 18),
-    "smallnorb_ele": ("Structured", 9),
-}
-GROUPS = ("Natural", "Specialized", "Structured")
-ALIASES = {
-    "smallnorb_elev": "smallnorb_ele",
-    "oxford_pet": "oxford_iiit_pet",
-    "flowers102": "oxford_flowers102",
-}
 
 
 def task_name(name: str) -> str:
@@ -73,7 +46,8 @@ def select_tasks(root: str | None, names: str | None) -> list[str]:
 
 
 def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
-    """The fine-tune config of one task: its splits, and its class count (from index.json when given)."""
+    """The fine-tune config of one task: its splits, its class count (from index.json when given), and its
+    name, so that validation applies the task's augmentation rules (vit_scale.config.tasks)."""
     from vit_scale.config.validate import index_classes
 
     cfg = copy.deepcopy(base)
@@ -84,6 +58,7 @@ def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
                 f"VTAB task {task} lacks {d / split}; build it with `vit-scale shards build --format vtab`"
             )
     cfg.model.num_classes = index_classes(str(d / "test")) or TASKS[task][1]
+    cfg.data.task = task
     cfg.data.test = str(d / "test")
     if sweep:
         cfg.sweep.lr = cfg.sweep.lr or [0.001, 0.003, 0.01, 0.03]

@@ -162,7 +162,7 @@ def draw_rollout(images: torch.Tensor, rollout: torch.Tensor, names: list[str]) 
         img = images[i].permute(1, 2, 0).numpy()
         ax = fig.add_subplot(b, 2, 2 * i + 1)
         ax.imshow(img)
-        ax.set_title(names[i], fontsize=8)
+        ax.set_title(names[i], fontsize=8, parse_math=False)  # file names, drawn as written
         ax.axis("off")
         ax = fig.add_subplot(b, 2, 2 * i + 2)
         ax.imshow(img)
@@ -177,7 +177,7 @@ def draw_rollout(images: torch.Tensor, rollout: torch.Tensor, names: list[str]) 
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """uint8 [B, 3, size, size]: each image resized and centre-cropped as at evaluation."""
+    """uint8 [B, 3, size, size]: each whole image resized to size × size, as at evaluation."""
     from vit_scale.data.transforms import decode_rgb, eval_transform
 
     out = []

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def read_metrics(path: Path) -> tuple[dict[int, dict], int]:
             try:
                 row = json.loads(line)
                 step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a step of 1e999
                 bad += 1
                 continue
             # Records of one step merge (an eval line beside the train line); a re-logged key overwrites.
@@ -152,17 +151,42 @@ def _lines(panel: Panel, runs: list[Run]) -> list[tuple[str, int, int, list[int]
     return out
 
 
+# Run names and metric keys come from directory names and files others wrote: every text of a plot is drawn
+# as it is written, never as mathtext ('$' pairs, '\\frac'), which would garble it or fail to parse.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
 def plot_panel(panel: Panel, runs: list[Run]) -> bytes | None:
     """The panel as PNG bytes, or None when no run has its metric."""
+    import matplotlib
+
+    with matplotlib.rc_context(PLAIN_TEXT):
+        fig = panel_figure(panel, runs)
+        if fig is None:
+            return None
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def panel_figure(panel: Panel, runs: list[Run]):
+    """The panel's matplotlib Figure, or None when no run has its metric."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     lines = _lines(panel, runs)
     if not lines:
         return None
-    fig = Figure(figsize=(7, 4), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    with matplotlib.rc_context(PLAIN_TEXT):
+        fig = Figure(figsize=(7, 4), dpi=110)
+        FigureCanvasAgg(fig)
+        _draw(fig.add_subplot(), panel, runs, lines)
+        fig.tight_layout()
+    return fig
+
+
+def _draw(ax, panel: Panel, runs: list[Run], lines) -> None:
     # One colour per run, one line style per key, so a run's few-shot curves read as a family.
     styles = ("-", "--", ":", "-.")
     for label, i, j, xs, ys in lines:
@@ -189,10 +213,6 @@ def plot_panel(panel: Panel, runs: list[Run]) -> bytes | None:
     ax.grid(True, alpha=0.3)
     if len(runs) > 1 or not panel.keys:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ tables
@@ -252,39 +272,23 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _markdown_table_html(text: str) -> str:
-    """A Markdown pipe table (with its title line) as HTML; cells are escaped, **bold** kept."""
-    parts, rows = [], []
-    for line in text.splitlines():
-        if line.startswith("|"):
-            if not re.fullmatch(r"\|(-+\|)+", line.replace(" ", "")):
-                rows.append([c.strip() for c in line.strip("|").split("|")])
-        elif line.strip():
-            parts.append(f"<p>{html.escape(line)}</p>")
-
-    def cell(c):
-        c = html.escape(c)
-        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", c)
-
-    if rows:
-        parts.append(_html_table(rows[0], [[cell(c) for c in row] for row in rows[1:]]))
-    return "\n".join(parts)
-
-
 def results_html(runs: list[Run]) -> str:
+    """The results table of the runs that have results.json, as HTML (from the cells, not the Markdown)."""
     with_results = [r for r in runs if r.results is not None]
     if not with_results:
         return ""
-    from vit_scale.observe.results import render_table
+    from vit_scale.observe.results import table
 
     try:
-        table = render_table([r.results for r in with_results])
+        t = table([r.results for r in with_results])
     except (KeyError, TypeError, AttributeError):
         raise UserError(
             "a results.json lacks 'model', 'metric' or 'datasets': "
             + ", ".join(str(r.path / RESULTS) for r in with_results)
         ) from None
-    return _markdown_table_html(table)
+    rows = [[html.escape(c) for c in row] for row in t.rows]
+    rows += [[f"<b>{html.escape(name)}</b>", *map(html.escape, cells)] for name, *cells in t.summary]
+    return f"<p>{html.escape(t.title)}</p>\n" + _html_table(t.header, rows)
 
 
 # ------------------------------------------------------------------ page

@@ -18,7 +18,11 @@ Tables 2 and 5 do (datasets as rows, models as columns).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vit_scale.errors import UserError
@@ -60,16 +64,29 @@ def weights_label(path: str) -> str:
     return p.stem
 
 
-def _cell(entry: dict | None, metric: str) -> str:
+def _cell(entry: dict | None, metric: str, where: str) -> str:
     if not entry or entry.get(metric) is None:
         return "–"
-    text = f"{100 * entry[metric]:.2f}"
-    std = entry.get(f"{metric}_std")
-    return f"{text} ± {100 * std:.2f}" if std is not None else text
+    values = [entry[metric], entry.get(f"{metric}_std")]
+    for v in values:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            raise UserError(f"results of {where}: {metric} is {v!r}, not a number")
+    text = f"{100 * values[0]:.2f}"
+    return f"{text} ± {100 * values[1]:.2f}" if values[1] is not None else text
 
 
-def render_table(results: list[dict], metric: str | None = None) -> str:
-    """A Markdown table: one row per dataset (then summary rows), one column per run."""
+@dataclass
+class Table:
+    """Datasets as rows (then the summary rows, shown bold), runs as columns; cells are plain text."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    summary: list[list[str]] = field(default_factory=list)
+
+
+def table(results: list[dict], metric: str | None = None) -> Table:
+    """The comparison of `results` (results.json objects) as text cells, for Markdown or HTML to render."""
     if not results:
         raise UserError("no results to tabulate")
     labels: list[str] = []
@@ -83,21 +100,48 @@ def render_table(results: list[dict], metric: str | None = None) -> str:
     rows: list[str] = []
     summary_rows: list[str] = []
     for r in results:
-        rows += [d for d in r["datasets"] if d not in rows]
-        summary_rows += [d for d in r.get("summary", {}) if d not in summary_rows]
-    metrics = {metric or r["metric"] for r in results}
+        rows += [str(d) for d in r["datasets"] if str(d) not in rows]
+        summary_rows += [str(d) for d in r.get("summary", {}) if str(d) not in summary_rows]
+    metrics = {str(metric or r["metric"]) for r in results}
     title = "top-1 accuracy (%)" if metrics == {"top1"} else ", ".join(sorted(metrics)) + " (%)"
+    out = Table(title, ["dataset", *labels])
+    for names, part, cells in ((rows, "datasets", out.rows), (summary_rows, "summary", out.summary)):
+        for name in names:
+            cells.append(
+                [name]
+                + [
+                    _cell(r.get(part, {}).get(name), str(metric or r["metric"]), label)
+                    for r, label in zip(results, labels)
+                ]
+            )
+    return out
+
+
+# Characters with a meaning in (GitHub-flavoured) Markdown inside a table cell: the cell separator, the
+# backslash itself, emphasis, code, links, HTML and entities, strike-through and math. '_' only opens or
+# closes emphasis next to something that is not a letter or digit, so inside a word (smallnorb_ele) it stays.
+_MARKDOWN = re.compile(r"[\\|*`\[\]<>&~$]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` as it must be written in a Markdown table cell to read back as itself (a control character,
+    which would end the row, reads back as its \\xNN escape)."""
+    text = "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c for c in text)
+    return _MARKDOWN.sub(lambda m: "\\" + m.group(0), text)
+
+
+def render_table(results: list[dict], metric: str | None = None) -> str:
+    """A Markdown table: one row per dataset (then summary rows), one column per run."""
+    t = table(results, metric)
     lines = [
-        "| " + " | ".join(["dataset", *labels]) + " |",
-        "|" + "---|" * (len(labels) + 1),
+        "| " + " | ".join(map(markdown_text, t.header)) + " |",
+        "|" + "---|" * len(t.header),
     ]
-    for name in rows:
-        cells = [_cell(r["datasets"].get(name), metric or r["metric"]) for r in results]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    for name in summary_rows:
-        cells = [_cell(r.get("summary", {}).get(name), metric or r["metric"]) for r in results]
-        lines.append("| " + " | ".join([f"**{name}**", *cells]) + " |")
-    return f"{title}\n\n" + "\n".join(lines) + "\n"
+    for row in t.rows:
+        lines.append("| " + " | ".join(map(markdown_text, row)) + " |")
+    for name, *cells in t.summary:
+        lines.append("| " + " | ".join([f"**{markdown_text(name)}**", *cells]) + " |")
+    return f"{markdown_text(t.title)}\n\n" + "\n".join(lines) + "\n"
 
 
 def table_from_runs(run_dirs: list[str | os.PathLike], metric: str | None = None) -> str:

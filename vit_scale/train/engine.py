@@ -18,9 +18,14 @@ from torch.utils.checkpoint import checkpoint
 
 from vit_scale.config import Batch, Config, ConfigError
 from vit_scale.dist import device, free_port, is_multi_rank
+from vit_scale.train import ops
 
 
 def backend_name(cfg: Config) -> str:
+    # What the machine has is known only here, on the rank: validate() also runs where the job is planned
+    # (`vit-scale slurm --dry-run` on a login node without GPUs), so it cannot refuse nccl.
+    if cfg.parallel.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs GPUs and this process sees none; use gloo or auto on CPU")
     if cfg.parallel.backend != "auto":
         return cfg.parallel.backend
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -34,6 +39,7 @@ def init_distributed(cfg: Config) -> None:
 
     if dist.is_initialized():
         return
+    ops.prepare(cfg.parallel.offload_optimizer)  # DeepSpeed builds or loads its ops in init_distributed
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     os.environ.setdefault("RANK", "0")

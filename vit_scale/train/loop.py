@@ -24,14 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_scale.checkpoint import commit
+from vit_scale.checkpoint.average import AVERAGE
 from vit_scale.checkpoint.policy import CheckpointPolicy
 from vit_scale.config import Batch, Config, ConfigError, to_dict
+from vit_scale.config.schema import ModelConfig
 from vit_scale.data.transforms import make_mixup, to_model_input
 from vit_scale.dist import collective_device, device, is_multi_rank, is_rank0, on_rank0, rank, world_size
 from vit_scale.errors import UserError
 from vit_scale.models import build_model, model_dims, train_flops
 from vit_scale.observe import metrics
 from vit_scale.observe.progress import Progress
+from vit_scale.train.average import ParamAverage
 from vit_scale.train.engine import build_engine, init_distributed
 from vit_scale.train.preempt import DEADLINE_REASON, Preempted, PreemptionWatch, job_deadline
 
@@ -206,19 +209,39 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype, mix=None) -> torch.
     return torch.stack(losses).mean()
 
 
-def run_hook(hook: Hook, engine) -> dict:
+def evaluated_module(engine, average: ParamAverage | None, model_cfg: ModelConfig) -> nn.Module:
+    """What evaluation scores: the parameter average when optim.ema_decay is set, else the trained module."""
+    return engine.module if average is None else average.module(model_cfg)
+
+
+def run_hooks(
+    hooks: Sequence[Hook], step: int, engine, average: ParamAverage | None, model_cfg: ModelConfig
+) -> list[dict]:
+    """The figures of the hooks due at `step`, all run on one evaluated module."""
+    due = [hook for hook in hooks if step % hook.every == 0]
+    if not due:
+        return []
     # Evaluation must not move the training RNG, or a resume that lands between two evaluations would
     # draw different dropout masks and mixup from the uninterrupted run.
     saved_rng = commit.rng_state()
-    figures = hook.run(engine.module)
+    model = evaluated_module(engine, average, model_cfg)
+    figures = [hook.run(model) for hook in due]
     commit.set_rng_state(saved_rng)
     engine.train()
     return figures
 
 
-def resume(cfg: Config, engine, run_dir: Path, loader, new_loader: Callable[[int], object]):
+def resume(
+    cfg: Config,
+    engine,
+    run_dir: Path,
+    loader,
+    new_loader: Callable[[int], object],
+    average: ParamAverage | None = None,
+):
     """(counters, data stream) to continue with, after loading the newest committed checkpoint of
-    cfg.resume (by default of run_dir) into `engine`; a fresh run gets new counters and `loader`.
+    cfg.resume (by default of run_dir) into `engine` (and `average`); a fresh run gets new counters and
+    `loader`.
 
     The same number of processes continues every rank's data position and RNGs exactly. A checkpoint
     written by another number gets new data and random streams for this layout (`new_loader(seed)`), under
@@ -232,6 +255,8 @@ def resume(cfg: Config, engine, run_dir: Path, loader, new_loader: Callable[[int
     if chosen.path is None:
         return Counters(), loader
     saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
+    if average is not None:
+        average.restore(own, chosen.path)
     counters = Counters(**saved)
     on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
     if own is not None:
@@ -312,10 +337,11 @@ def train(
         model = build_model(m)
     model.to(device())
     engine, _, _ = build_engine(cfg, model, batch, steps)
+    average = ParamAverage(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     seed_everything(cfg.train.seed * 1000 + r + 1)  # dropout / drop path differ between ranks
 
     # ---- resume
-    counters, loader = resume(cfg, engine, run_dir, loader, train_loader)
+    counters, loader = resume(cfg, engine, run_dir, loader, train_loader, average)
     log = open_metrics(cfg, run_dir, counters)
     flops = train_flops(model_dims(m), m.img_size, m.num_classes, m.pool != "avg")
     window = metrics.Window(world, loader.num_samples, flops, metrics.peak_tflops(cfg.logging.peak_tflops))
@@ -330,7 +356,10 @@ def train(
     def save(reason: str) -> float:
         """Checkpoint this step; returns how long a save that must commit before the run stops takes."""
         t0 = time.perf_counter()
-        saver.save(counters.step, asdict(counters), {"rng": commit.rng_state(), "data": loader.state_dict()})
+        own = {"rng": commit.rng_state(), "data": loader.state_dict()}
+        if average is not None:
+            own[AVERAGE] = average.state_dict()
+        saver.save(counters.step, asdict(counters), own)
         stall = time.perf_counter() - t0  # the loop waited this long; the files may still be being written
         record = {"step": counters.step, "checkpoint_s": stall, "checkpoint_reason": reason}
         emit(dict(record, checkpoint_async=saver.in_flight))
@@ -351,15 +380,17 @@ def train(
             t_data = time.perf_counter() - t0
             lr = engine.get_lr()[0]  # the rate this step applies; the schedule moves on inside the step
             loss = train_step(engine, batches, loss_fn, dtype, mix)
-            counters.advance(engine.was_step_applied(), cfg.train.global_batch)
+            applied = engine.was_step_applied()
+            counters.advance(applied, cfg.train.global_batch)
+            if average is not None and applied:
+                average.update()
             window.add(loss, time.perf_counter() - t0, t_data, lr)
             if counters.consecutive_skips >= cfg.train.max_consecutive_skips:
                 raise TrainingHalted.after(counters.consecutive_skips, counters.step)
             if counters.step % cfg.logging.every_steps == 0 or counters.step == steps:
                 emit(window.record(engine, counters.step, counters.samples, counters.skipped_steps))
-            for hook in hooks:
-                if counters.step % hook.every == 0:
-                    emit({"step": counters.step, **run_hook(hook, engine)})
+            for figures in run_hooks(hooks, counters.step, engine, average, m):
+                emit({"step": counters.step, **figures})
             progress.update(counters.step)
             if counters.step == steps:
                 break  # done: the final save below, whatever was requested meanwhile
@@ -397,4 +428,5 @@ def train(
         "images_per_s": window.last_images_per_s,
         "bad_samples": loader.bad_samples,
         "run_dir": str(run_dir),
+        "model": evaluated_module(engine, average, m),  # what evaluation after training should score
     }

@@ -1,0 +1,1 @@
+"""The command layer: every `vit-scale` subcommand parses its arguments, builds, and calls the library."""
