@@ -5,7 +5,7 @@
 One rank, the real DeepSpeed engine after one training step (so the optimizer state exists), saved through
 the commit protocol (`commit.Saver`):
 
-  stall         the time `save` blocks the training loop. Foreground (checkpoint.async_save=false): the whole
+  stall         the time `save` blocks the training loop. Foreground (checkpoint.async=false): the whole
                 save, every file written, fsynced and hashed, then committed. Background: the snapshot into
                 host memory; the first background save also allocates those buffers, later ones reuse them.
   identical     the foreground and the first background save, of the same state, commit files with the

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_helpers as h
+
+from vit_scale.checkpoint import commit
 
 pytestmark = pytest.mark.dist
 
@@ -70,3 +73,31 @@ def test_three_kills_at_random_steps_end_bit_equal_to_the_uninterrupted_run(tmp_
     chaos, reference = tmp_path / "chaos", tmp_path / "reference"
     assert h.losses(chaos) == h.losses(reference) and sorted(h.losses(chaos)) == list(range(1, 25))
     assert h.same_weights(h.weights(chaos), h.weights(reference))
+
+
+def test_checkpoint_async_false_saves_in_the_foreground_and_verify_size_trusts_same_sized_files(tmp_path):
+    """checkpoint.async=false: every save is committed before the loop goes on. Then step 4's rank file is
+    rewritten with one byte of its RNG state changed (same length, a different sha256), which the default
+    checkpoint.verify=full refuses: a resume with checkpoint.verify=size takes it."""
+    shards = h.make_shards(tmp_path / "shards", n=32, shard_size=16)
+    run = tmp_path / "run"
+    args = ("checkpoint.every_steps=2", "checkpoint.keep_last=3", "data.workers=0")
+    proc = h.pretrain(run, shards, "train.steps=4", "checkpoint.async=false", *args, nproc=0)
+    assert proc.returncode == 0, h.tail(proc)
+    saves = [(r["step"], r["checkpoint_async"]) for r in h.records(run) if "checkpoint_reason" in r]
+    assert saves == [(2, False), (4, False)]
+
+    rank_file = run / "checkpoints" / "step_000000004" / "rank_00000.pt"
+    state = torch.load(rank_file, weights_only=False)
+    state["rng"]["torch"][100] ^= 1
+    size = rank_file.stat().st_size
+    with open(rank_file, "wb") as f:  # a file object, as the writer saves: the same archive name inside
+        torch.save(state, f)
+    assert rank_file.stat().st_size == size
+
+    ckpt = rank_file.parent
+    assert "rank_00000.pt does not match its sha256" in commit.verify(ckpt)  # checkpoint.verify=full
+    assert commit.verify(ckpt, "size") is None
+    proc = h.pretrain(run, shards, "train.steps=5", "checkpoint.verify=size", *args, nproc=0)
+    assert proc.returncode == 0, h.tail(proc)
+    assert "step_000000004 at step 4" in proc.stderr and "sha256" not in proc.stderr, h.tail(proc)

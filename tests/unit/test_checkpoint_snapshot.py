@@ -9,7 +9,7 @@ import io
 
 import torch
 
-from vit_scale.checkpoint.snapshot import HostMemory, write_file
+from vit_scale.checkpoint.snapshot import HostMemory, all_finite, write_file
 
 
 def saved_bytes(obj) -> bytes:
@@ -77,3 +77,19 @@ def test_write_file_hashes_what_it_writes_and_leaves_no_temporary_file(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["states.pt"]
     loaded = torch.load(path, weights_only=False)
     assert torch.equal(loaded["module"]["w"], original["module"]["w"]) and loaded["optimizer"]["lr"] == 0.1
+
+
+def test_all_finite_finds_one_nan_or_infinity_anywhere_in_a_state():
+    state = {
+        "module": {"w": torch.randn(4, 4), "b": torch.tensor(1.0, dtype=torch.bfloat16)},
+        "optimizer": [{"exp_avg": torch.zeros(3)}, {"step": torch.tensor(7)}],
+        "rng": torch.ByteTensor(8).fill_(255),
+        "empty": torch.zeros(0),
+    }
+    assert all_finite(state)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        state["optimizer"][0]["exp_avg"][1] = bad
+        assert not all_finite(state)
+        state["optimizer"][0]["exp_avg"][1] = 0.0
+    state["module"]["b"] = torch.tensor(float("nan"), dtype=torch.bfloat16)
+    assert not all_finite(state)

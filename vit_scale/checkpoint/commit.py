@@ -111,19 +111,6 @@ def _on_every_rank(flag: bool) -> bool:
     return t.item() == 0.0
 
 
-def _all_finite(engine) -> bool:
-    """True when every rank's weights (its ZeRO-3 partition, or the full module) are finite."""
-    ok = True
-    for p in engine.module.parameters():
-        t = getattr(p, "ds_tensor", p)
-        # min and max are NaN or infinite when any element is: one pass without a mask as large as the
-        # weights (isfinite().all() took most of a background save's stall)
-        if t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t.detach())):
-            ok = False
-            break
-    return _on_every_rank(ok)
-
-
 def _gather(obj) -> list:
     """`obj` of every rank, in rank order."""
     if not is_multi_rank():
@@ -180,6 +167,15 @@ class _Save:
     def write(self) -> None:
         """This rank's files (DeepSpeed's, then its own state), durable, then its done-marker."""
         try:
+            # A checkpoint with NaN or infinite weights or optimizer state would become the one a resume
+            # loads: refused here, on the copy, so the check costs the loop nothing.
+            bad = next((p for p, state in self.files if not snapshot.all_finite(state)), None)
+            if bad is not None:
+                self.error = (
+                    f"checkpoint {self.ckpt} was not written: rank {rank()}: {bad.name} holds values that are "
+                    f"not finite at step {self.step} (weights or optimizer state); the last committed one stays"
+                )
+                return
             reports = {}
             for path, state in self.files[:-1]:
                 reports[str(path.relative_to(self.ckpt))] = snapshot.write_file(path, state)
@@ -263,7 +259,7 @@ WRITER_NICE = 10
 class Saver:
     """The checkpoints of one run under the commit protocol; every rank makes the same calls.
 
-    With `background` (checkpoint.async_save), `save` returns once this rank's state is copied into host
+    With `background` (checkpoint.async), `save` returns once this rank's state is copied into host
     memory at the step boundary; a thread then writes, fsyncs and hashes this rank's files and reports their
     sizes and sha256 in a done-marker, and rank 0's thread writes the manifest and COMMITTED once every
     rank's marker is on disk. At most one save is in flight: `save` first `wait`s for the one before. When a
@@ -293,8 +289,6 @@ class Saver:
         checkpoint is committed."""
         self.wait()
         ckpt = self.root / step_dir_name(step)
-        if not _all_finite(self.engine):
-            raise CheckpointError(f"weights are not finite at step {step}; refusing to write {ckpt}")
         if is_rank0():
             self.root.mkdir(parents=True, exist_ok=True)
             if ckpt.exists():  # a torn earlier attempt at this step, or one superseded after a resume

@@ -133,6 +133,20 @@ class HostMemory:
         return copy.deepcopy(obj, memo)
 
 
+def all_finite(obj) -> bool:
+    """Whether every floating-point tensor in `obj` is free of NaN and infinity. min and max are NaN or
+    infinite when any element is: one pass, without a mask as large as the tensor (isfinite().all() took
+    most of a ViT-B/16 snapshot's time)."""
+    seen = set()
+    for t in _tensors(obj):
+        if not t.is_floating_point() or not t.numel() or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if not all(torch.isfinite(v) for v in torch.aminmax(t.detach())):
+            return False
+    return True
+
+
 class _HashingWriter:
     """A file that hashes what is written to it, so a file is hashed without reading it back."""
 

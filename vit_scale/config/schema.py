@@ -123,7 +123,7 @@ class CheckpointConfig:
     # Write in the background: training stops only while each rank copies its state into host memory
     # (one more host copy of the rank's share, kept between saves; a save that would not fit in half the
     # available memory is written in the foreground). false: training waits for the whole save.
-    async_save: bool = True
+    async_: bool = True  # the key checkpoint.async (`async` is a Python keyword)
     # What a resume checks, each rank the files it wrote: full (sha256 of every byte) or size (existence
     # and size only: cheaper for very large checkpoints, but blind to bytes changed in place).
     verify: Literal["full", "size"] = "full"

@@ -350,7 +350,7 @@ def train(
         if log is not None:
             log.log(record)
 
-    kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every, background=ck.async_save)
+    kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every, background=ck.async_)
     saver = commit.Saver(engine, run_dir, **kw)
 
     def save(reason: str) -> float:
