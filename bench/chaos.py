@@ -96,6 +96,13 @@ def logged_step(run: Path) -> int:
     return max(steps)
 
 
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def ranks_of(agent: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{agent}/task/{agent}/children").read_text().split()]
@@ -112,13 +119,18 @@ def alive(pid: int) -> bool:
 
 
 def kill_all(proc: subprocess.Popen, ranks: list[int]) -> None:
-    """SIGKILL every rank's process group (the rank and its data worker), then the launcher's."""
+    """SIGKILL every rank's process group (the rank and its data worker), then the launcher's, and return
+    once every rank has exited: a rank still tearing down holds the run directory's writer lock, and the
+    next start would be refused for it (as a requeue is only started once the job's processes are gone)."""
     for pid in [*ranks, proc.pid]:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
+    deadline = time.monotonic() + 60  # until reaped: the lock asks kill(pid, 0), which a zombie answers
+    while any(Path(f"/proc/{p}").exists() for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def resumed_from(stderr: str) -> str | None:
@@ -142,13 +154,17 @@ def start(run: Path, shards: Path, args, crash_at: str | None, log: Path) -> sub
 
 def segment(run: Path, shards: Path, args, kind: str, point: str | None, step: int, log: Path) -> str:
     """One start of the run, killed as `kind` at `step`; returns how it ended."""
+    # A start rewrites metrics.jsonl (a new file) without the steps it will redo; until then the steps the
+    # last start logged past its kill are still there and must not trigger this one.
+    stale = inode(run / "metrics.jsonl")
     proc = start(run, shards, args, f"{point}@{step}" if point else None, log)
     deadline = time.monotonic() + args.timeout
     ranks: list[int] = []
     while time.monotonic() < deadline:
         if len(ranks) < 2:
             ranks = ranks_of(proc.pid)
-        if kind == "external" and logged_step(run) >= step:
+        metrics = run / "metrics.jsonl"
+        if kind == "external" and inode(metrics) not in (None, stale) and logged_step(run) >= step:
             kill_all(proc, ranks)
             return "killed"
         if len(ranks) == 2 and not all(alive(p) for p in ranks):  # a rank killed itself at its fault point
