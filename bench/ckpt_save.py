@@ -12,7 +12,8 @@ the commit protocol (`commit.Saver`):
                 same sha256, file by file
   write         a background save from its start to its commit, while the loop waits for nothing
   slowdown      the median training step while a background save is being written, over the median step
-                with none in flight, in alternating rounds (training and writer share the machine's cores)
+                with none in flight just before and after it, per round (training and writer share the
+                machine's cores); the median over the rounds
   verify        what a resume checks (`commit.select_everywhere`: every rank hashes the files it wrote): for a
                 checkpoint written by 2 ranks, verified by 1 process and by 2, with checkpoint.verify=full
                 and =size (the files are in the page cache, as right after a save)
@@ -86,30 +87,37 @@ def saves(engine, run: Path, background: bool, n: int) -> tuple[list[float], lis
 
 
 def slowdown(engine, step, run: Path, rounds: int, idle_steps: int) -> dict:
-    """Alternating rounds: steps with no save in flight, then a background save and the steps taken until
-    it is committed."""
+    """Rounds of: steps with no save in flight, a background save and the steps taken until it is
+    committed, then steps with none again. Each round compares its writing steps with its own idle steps
+    before and after, so a change in the machine's other load between rounds does not enter the ratio."""
     from vit_scale.checkpoint import commit
 
     saver = commit.Saver(engine, run, config={}, background=True)
-    idle, busy, stalls = [], [], []
+    idle, busy, stalls, ratios = [], [], [], []
     for r in range(1, rounds + 1):
-        idle += [step() for _ in range(idle_steps)]
+        before = [step() for _ in range(idle_steps)]
         t0 = time.perf_counter()
         saver.save(r, {"step": r}, {"rng": commit.rng_state(), "data": {}})
         stalls.append(time.perf_counter() - t0)
         job = saver.pending
         if job is None:
             raise SystemExit("the background save fell back to the foreground (not enough host memory)")
+        writing = []
         while True:  # steps while the writer works; the last one may end after it
-            busy.append(step())
+            writing.append(step())
             if not job.thread.is_alive():
                 break
         saver.wait()
+        after = [step() for _ in range(idle_steps)]
+        ratios.append(statistics.median(writing) / statistics.median(before + after))
+        idle += before + after
+        busy += writing
     return {
         "step_s_idle": round(statistics.median(idle), 3),
         "step_s_during_write": round(statistics.median(busy), 3),
         "steps_during_write": len(busy),
-        "slowdown": round(statistics.median(busy) / statistics.median(idle) - 1, 3),
+        "slowdown_per_round": [round(x - 1, 3) for x in ratios],
+        "slowdown": round(statistics.median(ratios) - 1, 3),
         "stall_s_while_training": [round(s, 3) for s in stalls],
     }
 
@@ -183,8 +191,10 @@ def main() -> int:
     p.add_argument("--img", type=int, default=64, help="image size of the training steps")
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--saves", type=int, default=3, help="of each kind, all of the same state")
-    p.add_argument("--rounds", type=int, default=3, help="of the slowdown measurement")
-    p.add_argument("--idle-steps", type=int, default=4, help="steps without a save in flight, per round")
+    p.add_argument("--rounds", type=int, default=5, help="of the slowdown measurement")
+    p.add_argument(
+        "--idle-steps", type=int, default=3, help="steps without a save in flight before and after each write"
+    )
     p.add_argument("--dir", default="/tmp/vit-scale-ckpt-bench")
     p.add_argument("--reshard", action="store_true", help="also time the universal conversion and load")
     p.add_argument("--rank-of-two", action="store_true", help=argparse.SUPPRESS)
