@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Wheels that bench/gpu.sh needs on a GPU machine whose Python (3.12) has torch and timm but not DeepSpeed
-# or its pydantic/hjson needs. Run here, with network access to PyPI; copy .whl/ next to the project there.
+# or its pydantic/hjson needs, nor the data pipeline's webdataset and simplejpeg (and scikit-learn, whose
+# sample photos the data benchmark cuts its corpus from; only the files are read, so its own needs are not
+# fetched). Run here, with network access to PyPI; copy .whl/ next to the project there.
 #
 #   bash bench/gpu-wheels.sh              # writes .whl/ (ignored by git)
 # then, on the GPU machine, in the project root:
@@ -21,7 +23,8 @@ mkdir -p "$WHL"
 rm -f "$WHL"/deepspeed-*.whl
 DS_BUILD_OPS=0 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$(version deepspeed)" -w "$WHL"
 pins=()
-for name in hjson pydantic pydantic_core annotated-types typing-inspection; do
+for name in hjson pydantic pydantic_core annotated-types typing-inspection webdataset braceexpand simplejpeg \
+  scikit-learn; do
   pins+=("$name==$(version "$name")")
 done
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \

@@ -19,10 +19,12 @@ from vit_scale.errors import UserError
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def writable_dir(path: str | os.PathLike, what: str) -> Path:
+def writable_dir(path: str | os.PathLike, what: str, keep: bool = True) -> Path:
     """Create `path` if needed and prove a file can be written in it, before any work is done for it;
-    a UserError naming `what` (e.g. "--run-dir") otherwise."""
+    a UserError naming `what` (e.g. "--run-dir") otherwise. With `keep` false the directories the proof
+    created are removed again, so a command refused later leaves nothing behind."""
     path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
@@ -32,6 +34,12 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
         raise UserError(
             f"{what} {path} is not writable ({e.strerror or e}); choose a directory you can write"
         ) from None
+    if not keep:
+        for p in created:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:  # something else wrote there meanwhile: leave it
+                break
     return path
 
 

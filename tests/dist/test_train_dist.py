@@ -265,8 +265,9 @@ def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exact
     tmp_path, shards, reference
 ):
     """The reference's step-20 checkpoint (2 ranks, ZeRO-1) resumed by 1 process: weights, Adam state and
-    schedule arrive whole through DeepSpeed's universal checkpoint; the data and random streams restart for
-    the new layout under a seed recorded in the checkpoint, so a later resume of the 1-process run is exact."""
+    schedule arrive whole through DeepSpeed's universal checkpoint; the data continues the interrupted epoch
+    (each sample once) and the random streams restart for the new layout, and a later resume of the
+    1-process run is exact."""
     step20 = reference / "checkpoints" / "step_000000020"
     loaded = subprocess.run(
         [
@@ -305,6 +306,21 @@ def test_resume_with_another_number_of_processes_reshards_and_then_resumes_exact
     assert (
         json.loads((one / "checkpoints" / "step_000000040" / "manifest.json").read_text())["world_size"] == 1
     )
+    # 64 samples an epoch, 8 a step: step 20 stopped halfway through epoch 2 (positions 128..191 of the
+    # global order). The one process finished it in its first 4 steps, then went on: what the step-30
+    # checkpoint has consumed is [0, 192) whole and 48 positions of epoch 3, 240 in all, none twice.
+    from vit_scale.data.loader import merge_states
+    from vit_scale.data.streams import length, subtract_intervals
+
+    def consumed(ckpt: Path) -> list[tuple[int, int]]:
+        states = [torch.load(f, weights_only=False)["data"] for f in sorted(ckpt.glob("rank_*.pt"))]
+        basis = merge_states(states)["bases"][0]
+        return subtract_intervals([(0, basis["frontier"])], [tuple(h) for h in basis["holes"]])
+
+    at20 = consumed(step20)
+    assert length(at20) == 160 and at20[0] == (0, at20[0][1]) and 128 <= at20[0][1] < 160
+    at30 = consumed(one / "checkpoints" / "step_000000030")
+    assert length(at30) == 240 and at30[0][0] == 0 and at30[0][1] >= 192
 
     proc = h.pretrain(again, shards, *args, f"resume={one / 'checkpoints' / 'step_000000030'}", nproc=0)
     assert proc.returncode == 0, h.tail(proc)
@@ -512,3 +528,23 @@ def test_eval_every_steps_scores_data_val_on_all_ranks_without_moving_the_traini
     scored = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
     (row,) = scored.values()
     assert (row["top1"], row["top5"]) == (val[6]["val/top1"], val[6]["val/top5"])
+
+
+def test_a_pipe_source_trains_on_two_ranks_once_counted(tmp_path, shards):
+    """`pipe:cat` shards have no index: exact-mode pretraining refuses them with the way out (exit 2, one
+    line, before any step), and on the shard list `vit-scale shards count` writes both ranks train."""
+    from vit_scale.cli import main as cli
+
+    pipe = f"pipe:cat {shards}/shard-{{000000..000003}}.tar"
+    proc = h.pretrain(tmp_path / "raw", pipe, "train.steps=2", "data.workers=0", nproc=0)
+    assert proc.returncode == 2, h.tail(proc)
+    assert "gives no sample counts" in proc.stderr and "vit-scale shards count" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    listed = tmp_path / "train.json"
+    assert cli(["shards", "count", pipe, "--out", str(listed)]) == 0
+    proc = h.pretrain(tmp_path / "run", listed, "train.steps=6", "checkpoint.every_steps=0")
+    assert proc.returncode == 0, h.tail(proc)
+    # The same shards by another road, the same samples in the same order: the golden losses (the first 6
+    # steps do not depend on the run's length, see the eval.every_steps test).
+    assert [h.losses(tmp_path / "run")[s] for s in range(1, 7)] == GOLDEN_30[:6]

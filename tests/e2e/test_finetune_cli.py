@@ -155,8 +155,6 @@ def test_vtab_over_two_tiny_tasks_writes_the_table(work):
                         "--workers",
                         "1",
                         "--no-progress",
-                        "--shard-size",
-                        "3",
                     ]
                 )
                 == 0
@@ -173,6 +171,7 @@ def test_vtab_over_two_tiny_tasks_writes_the_table(work):
         "sweep.lr=[0.01,0.03]",
         "--sweep",
         *QUIET,
+        "data.workers=4",  # the default: every split is one shard, read by 2 ranks × 4 workers
         "--run-dir",
         work / "vt",
         "--nproc",

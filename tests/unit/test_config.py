@@ -225,3 +225,15 @@ def test_base_must_name_yaml_files(tmp_path, base):
     path = write(tmp_path / "c.yaml", f"base: {base}\n")
     with pytest.raises(ConfigError, match=r"c.yaml:1: base: .* must be the path of a YAML file"):
         load_config(path)
+
+
+def test_gpu_decode_needs_cuda_and_no_randaugment():
+    cfg = load_config(None, ["data.decode=gpu"])
+    with pytest.raises(ConfigError, match="data.decode=gpu decodes with nvJPEG on a CUDA device, and none is"):
+        validate(cfg, world_size=1, cuda=False)
+    validate(cfg, world_size=1, cuda=True)
+    cfg = load_config(None, ["data.decode=gpu", "data.randaugment=rand-m9-mstd0.5"])
+    with pytest.raises(ConfigError, match="data.randaugment='rand-m9-mstd0.5' runs on CPU images"):
+        validate(cfg, world_size=1, cuda=True)
+    with pytest.raises(ConfigError, match="data.decode .* must be one of cpu, gpu; got 'nvjpeg'"):
+        load_config(None, ["data.decode=nvjpeg"])

@@ -136,7 +136,9 @@ def test_eval_is_one_pass_each_sample_once_unaugmented(corpus):
     assert loader.num_samples == N and loader.num_classes == N
 
 
-def test_brace_pattern_and_pipe_sources(corpus):
+def test_brace_pattern_and_pipe_sources(corpus, tmp_path):
+    from vit_scale.commands.shards import main as shards_main
+
     cfg = DataConfig(workers=0)
     brace = str(corpus / "shard-{000000..000011}.tar")
     got = labels_of(make_loader(brace, cfg, train=False, img_size=IMG, batch_size=7))
@@ -151,7 +153,14 @@ def test_brace_pattern_and_pipe_sources(corpus):
         assert loader.num_samples == -1
         seen += labels_of(loader)
     assert sorted(seen) == list(range(N))
-    train = make_loader(pipe, DataConfig(workers=0, shuffle_buffer=1), train=True, img_size=IMG, batch_size=8)
+    # Training in exact mode needs the counts: refused with the way to get them, then trained on them.
+    train_cfg = DataConfig(workers=0, shuffle_buffer=1)
+    with pytest.raises(UserError, match="vit-scale shards count"):
+        make_loader(pipe, train_cfg, train=True, img_size=IMG, batch_size=8)
+    counted = tmp_path / "shards.json"
+    assert shards_main(["count", pipe, "--out", str(counted)]) == 0
+    train = make_loader(str(counted), train_cfg, train=True, img_size=IMG, batch_size=8)
+    assert train.num_samples == N and train.num_classes == N
     assert sorted(labels_of(take(train, N // 8))) == list(range(N))
 
 
@@ -250,8 +259,8 @@ def test_loading_leaves_global_rngs_alone(corpus, workers):
 def test_refusals(tmp_path, corpus):
     cfg = DataConfig(workers=2)
     kw = dict(train=True, img_size=IMG, batch_size=2)
-    with pytest.raises(UserError, match="12 shards but 8 ranks × 2 workers"):
-        make_loader(str(corpus), cfg, rank=0, world_size=8, **kw)
+    with pytest.raises(UserError, match="gives no sample counts.*data.mode=resampled"):
+        make_loader(f"pipe:cat {corpus}/shard-{{000000..000011}}.tar", cfg, **kw)
     with pytest.raises(UserError, match="does not exist"):
         make_loader(str(tmp_path / "nowhere"), cfg, **kw)
     (tmp_path / "empty").mkdir()
@@ -311,13 +320,21 @@ def test_a_shard_truncated_after_startup_counts_as_bad_not_fatal(tmp_path, corpu
 
 
 def test_shards_without_samples_stop_training_with_a_message_not_a_hang(tmp_path):
+    from vit_scale.data.shardset import count_shards
+    from vit_scale.io import atomic_write_json
+
     for i in range(2):
         (tmp_path / f"empty-{i}.tar").write_bytes(bytes(1024))  # a valid tar with no members
+    pattern = str(tmp_path / "empty-{0..1}.tar")
     loader = make_loader(
-        str(tmp_path / "empty-{0..1}.tar"), DataConfig(workers=0), train=True, img_size=IMG, batch_size=2
+        pattern, DataConfig(workers=0, mode="resampled"), train=True, img_size=IMG, batch_size=2
     )
     with pytest.raises(UserError, match="read no samples"):
         take(loader, 1)
+    # Exact mode knows the counts before the first step, and refuses.
+    atomic_write_json(tmp_path / "empty.json", count_shards(pattern))
+    with pytest.raises(UserError, match="holds no samples"):
+        make_loader(str(tmp_path / "empty.json"), DataConfig(workers=0), train=True, img_size=IMG, batch_size=2)
 
 
 def test_resume_refuses_a_different_shard_set(tmp_path, corpus):
@@ -351,6 +368,11 @@ def test_http_source_through_a_local_server(corpus):
         url = f"http://127.0.0.1:{server.server_port}/shard-{{000000..000011}}.tar"
         loader = make_loader(url, DataConfig(workers=0), train=False, img_size=IMG, batch_size=16)
         assert sorted(labels_of(loader)) == list(range(N))
+        # The served index.json gives the counts exact-mode training needs, without a counting pass.
+        index = f"http://127.0.0.1:{server.server_port}/index.json"
+        train = make_loader(index, DataConfig(workers=0, shuffle_buffer=3), train=True, img_size=IMG, batch_size=8)
+        assert train.num_samples == N
+        assert sorted(labels_of(take(train, N // 8))) == list(range(N))
     finally:
         server.shutdown()
         server.server_close()

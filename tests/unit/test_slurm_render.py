@@ -323,3 +323,12 @@ def test_dry_run_refuses_what_the_job_would_refuse(capsys, config, kind, extra, 
         nodes = ["--nodes", "2"] if kind != "vtab" else []  # a VTAB array task runs on one node
         slurm.main([kind, str(config), *extra, *nodes, "--gpus-per-node", "1", "--dry-run"])
     assert message in str(e.value)
+
+
+def test_gpu_decode_is_checked_against_the_jobs_gpus_not_the_login_node(capsys, config):
+    """The dry-run runs where no GPU is: data.decode=gpu passes for GPU nodes and is refused for CPU ones."""
+    assert "#SBATCH --gpus-per-node=2" in dry_run(
+        capsys, "pretrain", str(config), "data.decode=gpu", "--gpus-per-node", "2"
+    )
+    with pytest.raises(UserError, match="data.decode=gpu decodes with nvJPEG"):
+        slurm.main(["pretrain", "--dry-run", str(config), "data.decode=gpu", "--gpus-per-node", "0"])

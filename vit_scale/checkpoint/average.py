@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vit_scale.checkpoint import safe_load
 from vit_scale.checkpoint.commit import CheckpointError, rank_file_name, read_manifest
 
 AVERAGE = "param_average"  # the key in each rank file (commit.rank_file_name)
@@ -53,7 +54,7 @@ def read_average(ckpt: Path) -> dict[str, torch.Tensor] | None:
     world = read_manifest(ckpt)["world_size"]
     parts = []
     for r in range(world):
-        state = torch.load(ckpt / rank_file_name(r), map_location="cpu", weights_only=False)
+        state = safe_load.load(ckpt / rank_file_name(r))
         if AVERAGE in state:
             parts.append(state[AVERAGE])
     if not parts:

@@ -592,6 +592,14 @@ def _other_model(ckpt: Path, e: RuntimeError) -> CheckpointError | None:
     )
 
 
+def rank_states(ckpt: Path) -> list[dict]:
+    """The own state of every rank that wrote `ckpt` (its data position, RNGs), in rank order: a resume
+    with another layout continues the data from all of them."""
+    ckpt = Path(ckpt)
+    saved = read_manifest(ckpt)["world_size"]
+    return [safe_load.load(ckpt / rank_file_name(r)) for r in range(saved)]
+
+
 def load(
     engine, ckpt: Path, *, load_optimizer: bool = True, scratch: Path | None = None
 ) -> tuple[dict, dict | None]:
@@ -600,7 +608,7 @@ def load(
     A checkpoint written by another number of processes has ZeRO shards and per-rank data positions that
     belong to other ranks. Its weights, optimizer state and schedule then go through DeepSpeed's universal
     checkpoint (converted into `scratch`, loaded, deleted), and this rank's own state comes back as None:
-    the caller starts a new data stream and new random streams for the new layout.
+    the caller continues the data from every rank's states (`rank_states`) and starts new random streams.
     """
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)

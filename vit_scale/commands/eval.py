@@ -51,9 +51,9 @@ def main(argv: list[str]) -> int:
     from vit_scale.observe.results import weights_label, write_results
 
     label = weights_label(args.weights)
-    run_dir = writable_dir(
-        args.run_dir or Path("runs") / f"eval_{label}", "--run-dir"
-    )  # before minutes of work
+    # Proven writable before minutes of work, and created only when the results are written, so a
+    # refused option leaves nothing behind.
+    run_dir = writable_dir(args.run_dir or Path("runs") / f"eval_{label}", "--run-dir", keep=False)
     task = index_task(args.data)
     why = rule(task, "crop")
     if args.crop == "center" and why:

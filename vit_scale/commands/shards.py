@@ -1,4 +1,4 @@
-"""`vit-scale shards build | merge-index | verify | stats | synth`."""
+"""`vit-scale shards build | merge-index | verify | stats | count | synth`."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
 from vit_scale.data.sources import FORMATS
 from vit_scale.errors import UserError
 
-USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,synth} ...
+USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,count,synth} ...
 
   build SOURCE --out DIR     write WebDataset tar shards and DIR/index.json from an image corpus
   merge-index DIR            join the indexes of a SLURM array build (DIR/part-*/index.json)
   verify DIR                 re-read every shard: counts, sha256, every image decodes, every label in range
   stats DIR                  counts per class, image sizes, bytes
+  count SOURCE --out FILE    count the samples of shards without an index.json (pipe:, http, a pattern)
+                             into a shard list that data.train=FILE trains on in exact mode
   synth ...                  embedded synthetic corpora (fractals, digits)
 """
 
@@ -184,6 +186,34 @@ def cmd_stats(argv: list[str]) -> int:
     return 0
 
 
+def cmd_count(argv: list[str]) -> int:
+    from vit_scale.data.shardset import count_shards
+    from vit_scale.io import atomic_write_json
+
+    p = Parser(
+        prog="vit-scale shards count",
+        description="Read every shard of SOURCE once and write a shard list with their sample counts: "
+        "data.train=FILE then trains on SOURCE in exact mode, every rank the same number of batches.",
+    )
+    p.add_argument(
+        "source",
+        help="brace pattern, pipe: command or http(s) URL of tar shards, e.g. "
+        "'pipe:aws s3 cp s3://bucket/train-{000000..000999}.tar -'",
+    )
+    p.add_argument("--out", required=True, help="the shard list to write (a .json file)")
+    p.add_argument("--threads", type=at_least(1), default=8, help="shards read at once (default 8)")
+    a = p.parse_args(argv)
+    if not a.out.endswith(".json"):
+        raise UserError(f"--out {a.out}: a shard list is a .json file; name it so")
+    index = count_shards(a.source, threads=a.threads)
+    atomic_write_json(Path(a.out), index)
+    print(
+        f"{index['num_samples']} samples in {index['num_shards']} shards, {index['num_classes']} classes "
+        f"(largest label + 1); train on data.train={a.out}"
+    )
+    return 0
+
+
 def _synth_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="vit-scale shards synth",
@@ -231,6 +261,7 @@ COMMANDS = {
     "merge-index": cmd_merge,
     "verify": cmd_verify,
     "stats": cmd_stats,
+    "count": cmd_count,
     "synth": cmd_synth,
 }
 

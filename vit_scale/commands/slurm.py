@@ -221,13 +221,13 @@ def _cpus(args, workers: int) -> int:
     return cpus
 
 
-def _config(args, kind: str, world_size: int):
+def _config(args, kind: str, world_size: int, gpus: int):
     """The config as the job will load it, through the validation pass the job's ranks will run, for the
-    job's world size, before anything is queued."""
+    job's world size and GPUs, before anything is queued."""
     from vit_scale.config import load_config, validate
 
     cfg = load_config(_text("CONFIG", args.config), args.overrides)
-    validate(cfg, world_size, kind)
+    validate(cfg, world_size, kind, cuda=gpus > 0)
     return cfg
 
 
@@ -297,7 +297,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
                 "the job would be told to stop as it starts; lower --signal-seconds or raise --time"
             )
         tasks_per_node = max(gpus, 1)
-        cfg = _config(args, kind, args.nodes * tasks_per_node)
+        cfg = _config(args, kind, args.nodes * tasks_per_node, gpus)
         if gpus:
             _check_fits(cfg, args, gpus)
         recipe = _recipe(args)
@@ -331,7 +331,7 @@ def plan(kind: str, args) -> tuple[list[Job], Path]:
         from vit_scale.evaluate.vtab import check_tasks
 
         cfg = load_config(_text("CONFIG", args.config), args.overrides)
-        check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1))  # what each array task checks
+        check_tasks(cfg, cfg.eval.vtab_data, tasks, False, max(gpus, 1), cuda=gpus > 0)  # as each array task
         recipe = _recipe(args)
         run_dir, log_dir = _run_dir(args, cfg)
         name = args.job_name or _job_name("run.name (the default --job-name)", f"{cfg.run.name}-vtab")

@@ -30,12 +30,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard source: directory with index.json, brace pattern, pipe:..., or A::B mixture
+    train: str = ""  # shard source: dir with index.json, .json shard list, pattern, pipe:..., or A::B mixture
     val: str = ""
     test: str = ""
     mode: Literal["exact", "resampled"] = "exact"  # exact: each sample once per epoch, resumable
     weights: list[float] = field(default_factory=list)  # one per `::`-separated source when mixing
     workers: int = 4  # DataLoader workers per rank
+    # cpu: the workers decode, crop and resize (libjpeg-turbo, large crops at reduced scale); gpu: the workers
+    # only read tars and JPEG headers, the rank decodes each batch with nvJPEG on its GPU (needs CUDA)
+    decode: Literal["cpu", "gpu"] = "cpu"
     shuffle_buffer: int = 2000
     labels: Literal["int", "multi"] = "int"  # int: softmax; multi: multi-hot, sigmoid
     # Training input. inception: a random crop (area crop_area_min..1, aspect 3/4..4/3) resized to S x S, then

@@ -237,7 +237,7 @@ def _check_parallel(cfg: Config, world_size: int) -> None:
         )
 
 
-def _check_data(cfg: Config) -> None:
+def _check_data(cfg: Config, cuda: bool | None) -> None:
     sources = [s for s in cfg.data.train.split("::") if s.strip()] if cfg.data.train else []
     if cfg.data.weights and len(cfg.data.weights) != len(sources):
         raise ConfigError(
@@ -253,6 +253,20 @@ def _check_data(cfg: Config) -> None:
     _check_randaugment(cfg.data.randaugment)
     if cfg.eval.every_steps > 0 and not cfg.data.val:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} scores data.val; set data.val=SHARDS")
+    if cfg.data.decode == "gpu":
+        if cuda is None:
+            import torch  # only here: the rest of validation must stay cheap to import
+
+            cuda = torch.cuda.is_available()
+        if not cuda:
+            raise ConfigError(
+                "data.decode=gpu decodes with nvJPEG on a CUDA device, and none is visible; use data.decode=cpu"
+            )
+        if cfg.data.randaugment:
+            raise ConfigError(
+                f"data.randaugment={cfg.data.randaugment!r} runs on CPU images (PIL), which data.decode=gpu "
+                "does not make; use data.decode=cpu or drop RandAugment"
+            )
 
 
 def _check_randaugment(spec: str) -> None:
@@ -346,14 +360,15 @@ def _check_finetune(cfg: Config) -> None:
         )
 
 
-def validate(cfg: Config, world_size: int, kind: Kind = "pretrain") -> Batch:
+def validate(cfg: Config, world_size: int, kind: Kind = "pretrain", *, cuda: bool | None = None) -> Batch:
     """Raise ConfigError on a value out of range or an impossible or unsafe combination of settings for
-    `world_size` processes; return how the global batch splits over them."""
+    `world_size` processes; return how the global batch splits over them. `cuda`: whether the processes
+    will have a CUDA device; None asks this machine (`vit-scale slurm` answers for the job's nodes)."""
     check_text(cfg)
     check_ranges(cfg)
     _check_model(cfg)
     _check_parallel(cfg, world_size)
-    _check_data(cfg)
+    _check_data(cfg, cuda)
     _check_augmentation(cfg)
     if kind == "finetune":
         _check_finetune(cfg)

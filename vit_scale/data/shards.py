@@ -388,8 +388,18 @@ def read_index(directory: str | os.PathLike) -> dict:
             f"{directory} has no {INDEX_NAME}; build shards with `vit-scale shards build` "
             "or name the shard files with a brace pattern"
         )
+    return read_index_file(path)
+
+
+def read_index_file(path: Path) -> dict:
+    """A shard index (an index.json, or a shard list from `vit-scale shards count`) read from its file."""
+    return parse_index(path.read_text(), path)
+
+
+def parse_index(text: str, path) -> dict:
+    """A shard index from its JSON text; `path` names where it came from in errors."""
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); rebuild the shards") from None
     if index.get("format") != FORMAT or "shards" not in index:

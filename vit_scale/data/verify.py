@@ -43,7 +43,7 @@ def verify_shard(
         problems.append("sha256 mismatch")
     samples, skipped = [], []
     try:
-        for sample in tar_samples(io.BytesIO(data), skipped):
+        for sample in tar_samples(io.BytesIO(data), skipped=skipped):
             samples.append(sample)
     except ValueError as e:
         problems.append(f"unreadable tar ({e})")

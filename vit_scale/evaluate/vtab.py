@@ -71,16 +71,19 @@ def task_config(base: Config, root: str, task: str, sweep: bool) -> Config:
     return cfg
 
 
-def check_tasks(base: Config, root: str, tasks: list[str], sweep: bool, world_size: int) -> Batch:
+def check_tasks(
+    base: Config, root: str, tasks: list[str], sweep: bool, world_size: int, cuda: bool | None = None
+) -> Batch:
     """The validation pass for every task's fine-tune config, before any task runs or is queued; the batch
-    split they share (the tasks differ in data and classes only)."""
+    split they share (the tasks differ in data and classes only). `cuda` as for `validate`."""
     from vit_scale.config import validate
 
     if not root:
         raise ConfigError("name the VTAB-1k data: --data ROOT (or eval.vtab_data=ROOT)")
     if not base.init:
         raise ConfigError("name the pretrained weights: vit-scale vtab WEIGHTS ... (or init=WEIGHTS)")
-    batches = {validate(task_config(base, root, task, sweep), world_size, "finetune") for task in tasks}
+    configs = [task_config(base, root, task, sweep) for task in tasks]
+    batches = {validate(c, world_size, "finetune", cuda=cuda) for c in configs}
     return batches.pop()
 
 

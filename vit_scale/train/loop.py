@@ -85,9 +85,6 @@ class Counters:
     consecutive_skips: int = 0
     wandb_id: str | None = None
     job_ids: list[str] = field(default_factory=list)  # the launcher's job ids (SLURM requeues), in order
-    # The seed of the data and random streams: train.seed until a resume with another number of processes
-    # starts new streams for the new layout (see `reseed_for`).
-    stream_seed: int | None = None
 
     def advance(self, applied: bool, global_batch: int) -> None:
         """One step taken; `applied` is false when DeepSpeed skipped its update (non-finite gradients)."""
@@ -105,14 +102,6 @@ class Hook:
 
     every: int
     run: Callable[[nn.Module], dict]
-
-
-def reseed_for(seed: int, world: int, step: int) -> int:
-    """The stream seed after resuming at `step` with `world` processes. Kept in the checkpoints that
-    follow, so a later resume with the same layout rebuilds the same streams."""
-    from vit_scale.data.streams import derive_seed
-
-    return derive_seed(seed, "world", world, "step", step) % 2**31
 
 
 # ---------------------------------------------------------------- pieces
@@ -231,21 +220,15 @@ def run_hooks(
     return figures
 
 
-def resume(
-    cfg: Config,
-    engine,
-    run_dir: Path,
-    loader,
-    new_loader: Callable[[int], object],
-    average: ParamAverage | None = None,
-):
-    """(counters, data stream) to continue with, after loading the newest committed checkpoint of
-    cfg.resume (by default of run_dir) into `engine` (and `average`); a fresh run gets new counters and
-    `loader`.
+def resume(cfg: Config, engine, run_dir: Path, loader, average: ParamAverage | None = None):
+    """The counters to continue with, after loading the newest committed checkpoint of cfg.resume (by
+    default of run_dir) into `engine` (and `average`) and the data position into `loader`; a fresh run gets
+    new counters.
 
-    The same number of processes continues every rank's data position and RNGs exactly. A checkpoint
-    written by another number gets new data and random streams for this layout (`new_loader(seed)`), under
-    a seed kept in the checkpoints that follow.
+    The same layout continues every rank's data position and RNGs exactly. Another layout (number of
+    processes, data.workers, micro batch, shuffle buffer) continues the same epoch from what every rank
+    had consumed, each sample once; with another number of processes the random streams (dropout, drop
+    path, mixup) start afresh for the new layout, and later resumes with it are exact again.
     """
     chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir, cfg.checkpoint.verify)
     for note in chosen.notes:
@@ -253,32 +236,61 @@ def resume(
     if cfg.resume and chosen.path is None:
         raise UserError(f"resume={cfg.resume}: no committed checkpoint there")
     if chosen.path is None:
-        return Counters(), loader
+        return Counters()
     saved, own = commit.load(engine, chosen.path, scratch=run_dir / "checkpoints")
     if average is not None:
         average.restore(own, chosen.path)
+    saved.pop("stream_seed", None)  # kept by checkpoints of data state version 1, which the loader refuses
     counters = Counters(**saved)
     on_rank0(print, f"vit-scale: resumed from {chosen.path} at step {counters.step}", file=sys.stderr)
-    if own is not None:
-        if counters.stream_seed is not None:  # the streams of an earlier change of layout
-            loader = new_loader(counters.stream_seed)
+    if own is not None and loader.same_layout(own["data"]):
         loader.load_state_dict(own["data"])
         commit.set_rng_state(own["rng"])
-        return counters, loader
-    world = world_size()
-    counters.stream_seed = reseed_for(cfg.train.seed, world, counters.step)
-    loader = new_loader(counters.stream_seed)
-    seed_everything(counters.stream_seed * 1000 + rank() + 1)
+        return counters
+    loader.continue_from(data_progress(chosen.path))
     before = commit.read_manifest(chosen.path)["world_size"]
+    if own is not None:  # the same processes with other data settings: their RNGs carry on
+        commit.set_rng_state(own["rng"])
+        on_rank0(
+            print,
+            "vit-scale: the data layout changed (data.workers, micro batch or shuffle buffer): the current "
+            "epoch continues with the samples not yet seen, each once",
+            file=sys.stderr,
+        )
+        return counters
+    from vit_scale.data.streams import derive_seed
+
+    world = world_size()
+    seed_everything(
+        derive_seed(cfg.train.seed, "world", world, "step", counters.step) % 2**31 * 1000 + rank() + 1
+    )
     on_rank0(
         print,
         f"vit-scale: that checkpoint was written by {before} processes and {world} run now: weights, "
-        f"optimizer state and schedule were re-sharded for {world}; the data order and random streams "
-        f"start afresh for the new layout (samples already seen in the current epoch may be seen "
-        f"again), so this run will not match an uninterrupted one bit for bit",
+        f"optimizer state and schedule were re-sharded for {world}; the current epoch continues with the "
+        f"samples not yet seen, each once, and the random streams (dropout, drop path, mixup, augmentation) "
+        f"start afresh for the new layout, so this run will not match an uninterrupted one bit for bit",
         file=sys.stderr,
     )
-    return counters, loader
+    return counters
+
+
+def data_progress(ckpt: Path) -> dict:
+    """Every rank's data state in `ckpt`, merged on rank 0 into the layout-free progress of the epoch and
+    sent to every rank (or the reason it cannot be, raised everywhere alike)."""
+    from vit_scale.data.loader import merge_states
+
+    box: list = [None]
+    if is_rank0():
+        try:
+            box[0] = merge_states([s["data"] for s in commit.rank_states(ckpt)])
+        except UserError as e:
+            box[0] = str(e)
+    if is_multi_rank():
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise UserError(box[0])
+    return box[0]
 
 
 def open_metrics(cfg: Config, run_dir: Path, counters: Counters) -> metrics.MetricsLog | None:
@@ -325,11 +337,10 @@ def train(
         raise ConfigError(f"the settings were validated for {batch.world_size} processes but {world} run")
 
     # ---- build: data, then model and engine (the same initial weights on every rank)
-    def train_loader(seed: int):
-        kw = dict(train=True, img_size=m.img_size, batch_size=micro, rank=r, world_size=world, seed=seed)
-        return make_loader(cfg.data.train, cfg.data, **kw)
-
-    loader = train_loader(cfg.train.seed)
+    kw = dict(
+        train=True, img_size=m.img_size, batch_size=micro, rank=r, world_size=world, seed=cfg.train.seed
+    )
+    loader = make_loader(cfg.data.train, cfg.data, **kw)
     steps = total_steps(cfg, loader.num_samples)
     check_classes(cfg, loader.num_classes)
     seed_everything(cfg.train.seed)
@@ -341,7 +352,7 @@ def train(
     seed_everything(cfg.train.seed * 1000 + r + 1)  # dropout / drop path differ between ranks
 
     # ---- resume
-    counters, loader = resume(cfg, engine, run_dir, loader, train_loader, average)
+    counters = resume(cfg, engine, run_dir, loader, average)
     log = open_metrics(cfg, run_dir, counters)
     flops = train_flops(model_dims(m), m.img_size, m.num_classes, m.pool != "avg")
     window = metrics.Window(world, loader.num_samples, flops, metrics.peak_tflops(cfg.logging.peak_tflops))
