@@ -1,5 +1,6 @@
-"""A checkpoint save SIGKILLed at each of its write points: the next start uses the newest committed
-checkpoint and never a torn one. Real DeepSpeed saves on one process; the kill is a real SIGKILL."""
+"""A checkpoint save SIGKILLed at each of its write points, written in the background or not: the next start
+uses the newest committed checkpoint and never a torn one. Real DeepSpeed saves on one process; the kill is
+a real SIGKILL."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from vit_scale.checkpoint import commit
 pytestmark = pytest.mark.dist
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
 @pytest.mark.parametrize("point", commit.CRASH_POINTS)
-def test_kill_at_each_write_point_falls_back_to_the_last_committed(tmp_path, point):
+def test_kill_at_each_write_point_falls_back_to_the_last_committed(tmp_path, point, mode):
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("crash_worker.py")), str(h.TINY), str(tmp_path)],
+        [sys.executable, str(Path(__file__).with_name("crash_worker.py")), str(h.TINY), str(tmp_path), mode],
         cwd=h.ROOT,
         env=h.env(VIT_SCALE_CRASH_AT=f"{point}@2"),
         capture_output=True,

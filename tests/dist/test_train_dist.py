@@ -105,6 +105,8 @@ def test_golden_losses_and_run_directory(reference):
     ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
     assert ckpts == ["step_000000020", "step_000000040"]
     assert (reference / "checkpoints" / "latest").read_text().strip() == "step_000000040"
+    saves = [(r["step"], r["checkpoint_async"]) for r in h.records(reference) if "checkpoint_reason" in r]
+    assert saves == [(20, True), (40, True)]  # written in the background: checkpoint.async's default
     assert (reference / "config.yaml").is_file()
     rec = next(r for r in h.records(reference) if r["step"] == 39 and "loss" in r)
     for name in metrics.METRIC_NAMES:

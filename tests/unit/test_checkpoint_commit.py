@@ -54,3 +54,18 @@ def test_prune_keeps_last_k_and_every_nth_and_drops_torn_older_ones(tmp_path):
     commit.prune(tmp_path / "checkpoints", keep_last=2, keep_every=200)
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert left == [commit.step_dir_name(s) for s in (200, 400, 500, 600)]
+
+
+def test_each_rank_verifies_the_files_its_rank_wrote_and_size_mode_checks_sizes_only(tmp_path):
+    d = fake_checkpoint(tmp_path, 10)
+    manifest = json.loads((d / MANIFEST).read_text())
+    manifest["files"]["mp_rank_00_model_states.pt"]["rank"] = 0
+    manifest["files"]["rank_00000.pt"]["rank"] = 1  # as if rank 1 had written it
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    (d / "rank_00000.pt").write_bytes(b"RANK0")  # same size, other bytes
+    assert commit.verify(d, part=(0, 2)) is None  # rank 0's share is intact
+    assert "rank_00000.pt does not match its sha256" in commit.verify(d, part=(1, 2))
+    assert commit.verify(d, "size") is None  # weaker: the same length passes
+    (d / "rank_00000.pt").write_bytes(b"RANK")
+    assert "has 4 bytes, the manifest says 5" in commit.verify(d, "size", part=(1, 2))
+    assert commit.select(tmp_path, "size").path is None

@@ -155,6 +155,19 @@ def test_resolved_config_round_trips(tmp_path):
     assert from_dict(saved) == cfg and to_dict(cfg) == saved
 
 
+def test_checkpoint_async_is_a_key_though_async_is_a_python_keyword(tmp_path):
+    """The schema's field is `async_`; YAML, the command line, config.yaml and a manifest say `async`."""
+    assert load_config().checkpoint.async_ is True
+    cfg = load_config(write(tmp_path / "a.yaml", "checkpoint: {async: false, verify: size}\n"))
+    assert cfg.checkpoint.async_ is False and cfg.checkpoint.verify == "size"
+    assert load_config(None, ["checkpoint.async=false"]).checkpoint.async_ is False
+    saved = to_dict(cfg)
+    assert saved["checkpoint"]["async"] is False and "async_" not in saved["checkpoint"]
+    assert from_dict(saved) == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'checkpoint.async_'.*did you mean checkpoint.async"):
+        load_config(None, ["checkpoint.async_=false"])
+
+
 def test_command_line_error_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "vit_scale.cli", "pretrain", "nope.yaml"], capture_output=True, text=True

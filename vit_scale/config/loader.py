@@ -6,8 +6,10 @@ The command line prints them and exits with status 2.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import keyword
 import os
 import types
 import typing
@@ -105,8 +107,18 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
 # ---------------------------------------------------------------- types
 
 
+def _key_name(field: str) -> str:
+    """The config key of a schema field. A key that is a Python keyword (checkpoint.async) is a field with a
+    trailing underscore (`async_`, as PEP 8 spells it), since a dataclass cannot name a field `async`."""
+    return field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
+
+
+def _field_name(key: str) -> str:
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
 def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return {_key_name(name): tp for name, tp in typing.get_type_hints(cls).items()}
 
 
 def _all_keys(cls=Config, prefix: str = "") -> dict[str, Any]:
@@ -221,8 +233,8 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     obj = cfg
     *parents, leaf = key.split(".")
     for p in parents:
-        obj = getattr(obj, p)
-    setattr(obj, leaf, value)
+        obj = getattr(obj, _field_name(p))
+    setattr(obj, _field_name(leaf), value)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -268,7 +280,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts under its keys (what config.yaml and a checkpoint's manifest hold)."""
+    return {
+        _key_name(f.name): to_dict(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else copy.deepcopy(v)
+        for f in dataclasses.fields(cfg)
+    }
 
 
 def from_dict(d: dict) -> Config:

@@ -123,6 +123,13 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # additionally keep every Nth step for good; 0 keeps none
     save_final: bool = True
+    # Write in the background: training stops only while each rank copies its state into host memory
+    # (one more host copy of the rank's share, kept between saves; a save that would not fit in half the
+    # available memory is written in the foreground). false: training waits for the whole save.
+    async_: bool = True  # the key checkpoint.async (`async` is a Python keyword)
+    # What a resume checks, each rank the files it wrote: full (sha256 of every byte) or size (existence
+    # and size only: cheaper for very large checkpoints, but blind to bytes changed in place).
+    verify: Literal["full", "size"] = "full"
 
 
 @dataclass

@@ -230,7 +230,7 @@ def resume(cfg: Config, engine, run_dir: Path, loader, average: ParamAverage | N
     had consumed, each sample once; with another number of processes the random streams (dropout, drop
     path, mixup) start afresh for the new layout, and later resumes with it are exact again.
     """
-    chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir)
+    chosen = commit.select_everywhere(Path(cfg.resume) if cfg.resume else run_dir, cfg.checkpoint.verify)
     for note in chosen.notes:
         on_rank0(print, f"vit-scale: {note}", file=sys.stderr)
     if cfg.resume and chosen.path is None:
@@ -361,16 +361,20 @@ def train(
         if log is not None:
             log.log(record)
 
+    kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every, background=ck.async_)
+    saver = commit.Saver(engine, run_dir, **kw)
+
     def save(reason: str) -> float:
+        """Checkpoint this step; returns how long a save that must commit before the run stops takes."""
         t0 = time.perf_counter()
         own = {"rng": commit.rng_state(), "data": loader.state_dict()}
         if average is not None:
             own[AVERAGE] = average.state_dict()
-        kw = dict(config=to_dict(cfg), keep_last=ck.keep_last, keep_every=ck.keep_every)
-        commit.save(engine, run_dir, counters.step, asdict(counters), own, **kw)
-        seconds = time.perf_counter() - t0
-        emit({"step": counters.step, "checkpoint_s": seconds, "checkpoint_reason": reason})
-        return seconds
+        saver.save(counters.step, asdict(counters), own)
+        stall = time.perf_counter() - t0  # the loop waited this long; the files may still be being written
+        record = {"step": counters.step, "checkpoint_s": stall, "checkpoint_reason": reason}
+        emit(dict(record, checkpoint_async=saver.in_flight))
+        return max(stall, saver.last_save_s)
 
     # ---- steps
     loss_fn, dtype = loss_function(cfg), model_dtype(cfg)
@@ -406,12 +410,17 @@ def train(
             if stop:
                 if policy.unsaved(counters.step):
                     save("preempt")
+                saver.wait()  # committed on every rank before the exit that asks for a requeue
                 why = watch.reason or (DEADLINE_REASON if near else "requested")
                 raise Preempted(f"stopped at step {counters.step} for requeue: {why}")
             if due:
                 policy.saved(counters.step, save("interval"))
         if ck.save_final and policy.unsaved(counters.step):
             save("final")
+        saver.wait()
+    except TrainingHalted:
+        saver.wait()  # every rank halts at the same step, so the save in flight can still commit
+        raise
     except RuntimeError as e:
         if not PeerLost.matches(e):
             raise
