@@ -29,8 +29,8 @@ def _committed(run_dir):
 # steps. A model that learnt nothing scores at most
 # 10% + 3 x 1.3% = 14% on the 500 test digits (binomial spread at chance), so PRETRAINED_AT_LEAST is far
 # above that and 11 points below the lowest measured figure, room for other CPUs' rounding.
-# Time: 153 s on the 2 shared cores at load average ~6 (about 115 CPU-seconds, most of it the start-up of
-# three 2-rank training stages), so about 60-90 s on an idle 2-core machine (not measured there).
+# Time: 112 s on the 2 shared cores at load average 2-3, 153 s at ~6 (about 125 CPU-seconds, most of it the
+# start-up of three 2-rank training stages); not measured on an idle machine.
 PRETRAINED_AT_LEAST = 0.30
 GAP_AT_LEAST = 0.15
 
