@@ -1,9 +1,10 @@
 """`vit-scale demo`: the whole system on embedded data, on a laptop-class CPU, with no download.
 
-1. builds the two embedded corpora: FractalDB-style fractals (pretraining) and scikit-learn's digits
-   (transfer), through the same shard writer as real data;
-2. pretrains a small ViT on the fractals on `--nproc` local processes, DeepSpeed ZeRO-2, bf16,
-   activation checkpointing, committing checkpoints as it goes (configs/demo/pretrain_fractals.yaml);
+1. builds the two embedded corpora through the same shard writer as real data: the pretraining corpus
+   (`--corpus`: by default glyphs, 65 letters and symbols with no digits drawn from fonts the way optdigits
+   scanned its handwriting; or FractalDB-style fractals) and scikit-learn's digits (transfer);
+2. pretrains a small ViT on it on `--nproc` local processes, DeepSpeed ZeRO-2, bf16, activation
+   checkpointing, committing checkpoints as it goes (configs/demo/pretrain_<corpus>.yaml);
 3. fine-tunes it on the digits at a higher resolution (position embeddings interpolated), and the same
    architecture from scratch with the same budget (configs/demo/finetune_digits.yaml);
 4. few-shot linear evaluation on the digits of the frozen pretrained representation, and of the same
@@ -16,10 +17,11 @@ launcher), so a stage sees what a user typing the command would, and one stage's
 into the next; the other stages call the library in this process. A stage that fails is reported with
 its error, and the stages that need its output are skipped.
 
-The size knobs (see `vit-scale demo --help`) scale every stage. With the defaults, measured 2026-11-26 on
-a 2-core AMD EPYC VM shared with other work (load ~3.5): corpora 24 s, pretraining 273 s (250 images/s),
-each fine-tune about 220 s, each few-shot 13 s, 12.8 minutes in all. Pretraining and fine-tuning time scale
-with --pretrain-steps and --finetune-steps; the corpus with --classes x --per-class.
+The size knobs (see `vit-scale demo --help`) scale every stage. With the defaults, measured 2026-11-30 on
+the 2-core AMD EPYC VM shared with other jobs (load average 6-8): glyphs 40 s, pretraining 429 s
+(147 images/s), each fine-tune about 155 s, each few-shot 10 s, 13.6 minutes in all, 608 CPU-seconds.
+Pretraining and fine-tuning time scale with --pretrain-steps and --finetune-steps; the corpus with
+--classes x --per-class.
 """
 
 from __future__ import annotations
@@ -35,8 +37,24 @@ from vit_scale.commands.args import Parser, at_least
 from vit_scale.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-PRETRAIN_CONFIG = CONFIGS / "pretrain_fractals.yaml"
 FINETUNE_CONFIG = CONFIGS / "finetune_digits.yaml"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A pretraining corpus the demo can make: its recipe and its default size."""
+
+    config: Path
+    classes: int
+    per_class: int
+    what: str  # for the table's title: "what pretraining on WHAT bought"
+    most_classes: int | None = None  # None: any number
+
+
+CORPORA = {
+    "glyphs": Corpus(CONFIGS / "pretrain_glyphs.yaml", 65, 300, "glyphs (no digits)", most_classes=65),
+    "fractals": Corpus(CONFIGS / "pretrain_fractals.yaml", 20, 400, "fractals"),
+}
 FEWSHOT_SHOTS = (1, 5, 10, 25)
 MARKER = ".vit-scale-demo"
 
@@ -46,11 +64,12 @@ class Knobs:
     """The demo's size: every stage's cost follows from these."""
 
     out: Path = Path("runs/demo")
-    classes: int = 20  # fractal categories: few enough to be learnt in the demo's pretraining steps
-    per_class: int = 400  # instances per category
+    corpus: str = "glyphs"  # a key of CORPORA
+    classes: int | None = None  # pretraining classes (default: the corpus's, CORPORA)
+    per_class: int | None = None  # instances per class (default: the corpus's)
     pretrain_size: int = 24  # pretraining resolution (px)
     finetune_size: int = 32  # fine-tuning resolution (px): higher, so position embeddings are resampled
-    pretrain_steps: int = 600
+    pretrain_steps: int | None = None  # default: the corpus recipe's train.steps
     finetune_steps: int = 400
     nproc: int = 2  # local processes for pretraining (ZeRO-2 shards optimizer state and gradients over them)
     workers: int | None = None  # processes for corpus generation (default: all cores)
@@ -186,26 +205,21 @@ def fresh_runs(demo: Demo) -> None:
 
 
 def build_corpora(demo: Demo) -> None:
-    from vit_scale.data import digits, synth
+    from vit_scale.data import digits, glyphs, synth
 
     k = demo.knobs
-    fractals = demo.stage("fractal corpus")
+    stage = demo.stage(f"{k.corpus} corpus")
     n = k.classes * k.per_class
     # Enough shards that every pretraining rank and loader worker has its own.
     shard_size = max(1, min(synth.SHARD_SIZE, n // (4 * k.nproc)))
-    recipe = {
-        "corpus": "fractals",
-        "seed": 0,
-        "classes": k.classes,
-        "per_class": k.per_class,
-        "size": k.pretrain_size,
-    }
+    recipe = {"corpus": k.corpus, "seed": 0, "classes": k.classes, "per_class": k.per_class, "size": k.pretrain_size}
+    write = synth.write_fractals if k.corpus == "fractals" else glyphs.write_glyphs
     _corpus(
-        fractals,
-        demo.data / "fractals",
+        stage,
+        demo.data / k.corpus,
         recipe,
-        lambda: synth.write_fractals(
-            demo.data / "fractals",
+        lambda: write(
+            demo.data / k.corpus,
             classes=k.classes,
             per_class=k.per_class,
             size=k.pretrain_size,
@@ -213,8 +227,8 @@ def build_corpora(demo: Demo) -> None:
             shard_size=shard_size,
         ),
     )
-    fractals.images_per_s = n / fractals.seconds if fractals.status == "done" and fractals.seconds else None
-    fractals.result = f"{n:,} images, {k.classes} classes, {k.pretrain_size} px"
+    stage.images_per_s = n / stage.seconds if stage.status == "done" and stage.seconds else None
+    stage.result = f"{n:,} images, {k.classes} classes, {k.pretrain_size} px"
 
     digit_stage = demo.stage("digits corpus")
     recipe = {
@@ -236,7 +250,7 @@ def build_corpora(demo: Demo) -> None:
 def pretrain_overrides(demo: Demo) -> list[str]:
     k = demo.knobs
     return [
-        f"data.train={demo.data / 'fractals'}",
+        f"data.train={demo.data / k.corpus}",
         f"model.num_classes={k.classes}",
         f"model.img_size={k.pretrain_size}",
         f"train.steps={k.pretrain_steps}",
@@ -263,7 +277,7 @@ def check_recipes(demo: Demo) -> None:
     from vit_scale.config import ConfigError, load_config, validate
 
     for what, recipe, overrides in (
-        ("pretraining", PRETRAIN_CONFIG, pretrain_overrides(demo)),
+        ("pretraining", CORPORA[demo.knobs.corpus].config, pretrain_overrides(demo)),
         ("fine-tuning", FINETUNE_CONFIG, finetune_overrides(demo, demo.runs / "pretrain")),
     ):
         try:
@@ -275,10 +289,10 @@ def check_recipes(demo: Demo) -> None:
 def pretrain(demo: Demo) -> None:
     k = demo.knobs
     stage = demo.stage("pretrain")
-    if not _needs(stage, demo.get("fractal corpus")):
+    if not _needs(stage, demo.get(f"{k.corpus} corpus")):
         return
     stage.path = demo.runs / "pretrain"
-    argv = [str(PRETRAIN_CONFIG), *pretrain_overrides(demo), "--run-dir", str(stage.path)]
+    argv = [str(CORPORA[k.corpus].config), *pretrain_overrides(demo), "--run-dir", str(stage.path)]
     if _train(stage, "pretrain", argv, k.nproc):
         stage.images_per_s = _throughput(stage.path)
         stage.result = _final_loss(stage.path)
@@ -313,7 +327,7 @@ def random_init(demo: Demo) -> None:
     stage = demo.stage("random init")
     start = time.perf_counter()
     cfg = load_config(
-        PRETRAIN_CONFIG, [f"model.img_size={k.pretrain_size}", f"model.num_classes={k.classes}"]
+        CORPORA[k.corpus].config, [f"model.img_size={k.pretrain_size}", f"model.num_classes={k.classes}"]
     )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
@@ -345,7 +359,6 @@ def fewshot(demo: Demo, name: str, weights: str) -> None:
             stage.path,
             shots=list(FEWSHOT_SHOTS),
             seeds=3,
-            l2=1.0,
             img_size=demo.knobs.finetune_size,
         )
 
@@ -472,7 +485,7 @@ def print_tables(demo: Demo, data: dict) -> None:
     from rich.table import Table
 
     console = Console(markup=False)  # paths and error messages, not markup
-    headline = Table(title="Digits test top-1: what pretraining on fractals bought")
+    headline = Table(title=f"Digits test top-1: what pretraining on {CORPORA[demo.knobs.corpus].what} bought")
     headline.add_column("evaluation")
     headline.add_column("pretrained", justify="right")
     headline.add_column("baseline", justify="right")
@@ -506,16 +519,22 @@ def _parser() -> Parser:
     d = Knobs()
     p = Parser(
         prog="vit-scale demo",
-        description="The whole system on embedded data: fractal corpus, ZeRO-2 pretraining on local "
+        description="The whole system on embedded data: glyph or fractal corpus, ZeRO-2 pretraining on local "
         "processes, fine-tuning on digits (pretrained and from scratch), few-shot, report, one table.",
     )
     p.add_argument(
         "--out", type=Path, default=d.out, help=f"where data, runs and report go (default {d.out})"
     )
-    p.add_argument("--classes", type=at_least(2), default=d.classes, help=f"fractal categories (default {d.classes})")
     p.add_argument(
-        "--per-class", type=at_least(1), default=d.per_class, help=f"images per category (default {d.per_class})"
+        "--corpus",
+        choices=sorted(CORPORA),
+        default=d.corpus,
+        help=f"pretraining corpus (default {d.corpus}): letters and symbols drawn like the digits, or fractals",
     )
+    defaults = ", ".join(f"{name} {c.classes}" for name, c in CORPORA.items())
+    p.add_argument("--classes", type=at_least(2), default=None, help=f"pretraining classes (default: {defaults})")
+    defaults = ", ".join(f"{name} {c.per_class}" for name, c in CORPORA.items())
+    p.add_argument("--per-class", type=at_least(1), default=None, help=f"images per class (default: {defaults})")
     p.add_argument(
         "--pretrain-size",
         type=at_least(1),
@@ -528,7 +547,9 @@ def _parser() -> Parser:
         default=d.finetune_size,
         help=f"fine-tuning px (default {d.finetune_size})",
     )
-    p.add_argument("--pretrain-steps", type=at_least(1), default=d.pretrain_steps, help=f"default {d.pretrain_steps}")
+    p.add_argument(
+        "--pretrain-steps", type=at_least(1), default=None, help="default: the corpus recipe's train.steps"
+    )
     p.add_argument(
         "--finetune-steps",
         type=at_least(1),
@@ -545,10 +566,19 @@ def _parser() -> Parser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     knobs = Knobs(**{k: getattr(args, k) for k in vars(Knobs())})
-    if not PRETRAIN_CONFIG.is_file() or not FINETUNE_CONFIG.is_file():
+    corpus = CORPORA[knobs.corpus]
+    knobs.classes = corpus.classes if knobs.classes is None else knobs.classes
+    knobs.per_class = corpus.per_class if knobs.per_class is None else knobs.per_class
+    if corpus.most_classes is not None and knobs.classes > corpus.most_classes:
+        raise UserError(f"demo: the {knobs.corpus} have {corpus.most_classes} classes; --classes {knobs.classes}")
+    if not corpus.config.is_file() or not FINETUNE_CONFIG.is_file():
         raise UserError(
             f"demo: its recipes {CONFIGS} are missing; run it from a source checkout (`pip install -e .`)"
         )
+    if knobs.pretrain_steps is None:
+        from vit_scale.config.loader import load_config
+
+        knobs.pretrain_steps = load_config(corpus.config, []).train.steps
     from vit_scale.io import atomic_write_json
 
     demo = Demo(knobs)

@@ -26,7 +26,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--shots", type=int_list, default=[1, 5, 10, 25], help="default 1,5,10,25")
     parser.add_argument("--seeds", type=at_least(1), default=3, help="draws of the shots per setting (default 3)")
-    parser.add_argument("--l2", type=positive_float, default=1.0, help="ridge regularisation (default 1.0)")
+    parser.add_argument(
+        "--l2",
+        type=positive_float,
+        default=None,
+        help="ridge penalty (default: chosen per fit by leave-one-out cross-validation within the shots)",
+    )
     parser.add_argument("--img-size", type=at_least(1), default=None, help="resolution (default: the weights')")
     parser.add_argument("--batch-size", type=at_least(1), default=256)
     parser.add_argument(

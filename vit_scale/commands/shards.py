@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from vit_scale.commands.args import Parser, at_least, between
-from vit_scale.data import synth
+from vit_scale.data import glyphs, synth
 from vit_scale.data.build import JPEG_QUALITY, build, default_workers
 from vit_scale.data.shards import INDEX_NAME, merge_index, read_index
 from vit_scale.data.sources import FORMATS
@@ -21,7 +21,7 @@ USAGE = """usage: vit-scale shards {build,merge-index,verify,stats,count,synth} 
   stats DIR                  counts per class, image sizes, bytes
   count SOURCE --out FILE    count the samples of shards without an index.json (pipe:, http, a pattern)
                              into a shard list that data.train=FILE trains on in exact mode
-  synth ...                  embedded synthetic corpora (fractals, digits)
+  synth ...                  embedded synthetic corpora (fractals, glyphs, digits)
 """
 
 
@@ -217,8 +217,8 @@ def cmd_count(argv: list[str]) -> int:
 def _synth_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="vit-scale shards synth",
-        description="Build an embedded corpus as shards: formula-driven fractals (pretraining) or "
-        "scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
+        description="Build an embedded corpus as shards: formula-driven fractals or font-drawn glyphs "
+        "(pretraining), or scikit-learn's handwritten digits (transfer). Deterministic from the seed.",
     )
     sub = p.add_subparsers(dest="corpus", required=True)
     f = sub.add_parser("fractals", help="FractalDB-style IFS fractals, one class per random IFS")
@@ -230,6 +230,22 @@ def _synth_parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
     f.add_argument("--shard-size", type=at_least(1), default=synth.SHARD_SIZE, help="samples per shard")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = sub.add_parser("glyphs", help="letters and symbols (no digits) drawn from fonts as optdigits scans")
+    g.add_argument(
+        "--classes",
+        type=between(2, len(glyphs.CHARS)),
+        default=len(glyphs.CHARS),
+        help=f"characters, at most {len(glyphs.CHARS)} (default all)",
+    )
+    g.add_argument("--per-class", type=at_least(1), required=True, help="instances per character")
+    g.add_argument(
+        "--size", type=at_least(8), default=32, help="image side after upsampling the 8x8 counts (default 32)"
+    )
+    g.add_argument("--out", required=True, help="output directory for the shards and index.json")
+    g.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes (default 0)")
+    g.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    g.add_argument("--shard-size", type=at_least(1), default=glyphs.SHARD_SIZE, help="samples per shard")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("digits", help="scikit-learn's 1,797 handwritten digits, fixed train/test split")
     d.add_argument("--size", type=int, default=32, help="image side after upsampling (default 32)")
     d.add_argument("--out", required=True, help="output directory; gets train/ and test/")
@@ -242,6 +258,18 @@ def cmd_synth(argv: list[str]) -> int:
         from vit_scale.data.digits import write_digits
 
         write_digits(args.out, size=args.size)
+        return 0
+    if args.corpus == "glyphs":
+        glyphs.write_glyphs(
+            args.out,
+            classes=args.classes,
+            per_class=args.per_class,
+            size=args.size,
+            seed=args.seed,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            progress=not args.no_progress,
+        )
         return 0
     synth.write_fractals(
         args.out,

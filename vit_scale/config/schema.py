@@ -152,7 +152,7 @@ class EvalConfig:
     fewshot_test: str = ""
     fewshot_shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
     fewshot_seeds: int = 3
-    fewshot_l2: float = 1.0
+    fewshot_l2: float | None = None  # ridge penalty; None: leave-one-out within the shots (big_vision fixes 1024)
     vtab_data: str = ""  # VTAB-1k root holding <task>/<split>/ shard directories (`vit-scale vtab`)
 
 

@@ -10,6 +10,7 @@ Everything is a pure function of (seed, class, instance): the bytes do not depen
 worker processes, and the corpus can be made as large as a throughput test needs.
 
     vit-scale shards synth fractals --classes 100 --per-class 100 --size 64 --out data/fractals
+    vit-scale shards synth glyphs --per-class 300 --size 24 --out data/glyphs   (see vit_scale.data.glyphs)
     vit-scale shards synth digits --size 32 --out data/digits      (see vit_scale.data.digits)
 """
 
@@ -182,30 +183,47 @@ def write_fractals(
     progress: bool = True,
 ) -> Path:
     """Generate `classes * per_class` fractal images of `size` px into shards under `out`."""
-    from vit_scale.data.shards import ShardWriter  # the data area's writer, shared by every producer
-
     if classes < 2 or per_class < 1 or size < 16:
         raise UserError(
             f"fractals: need --classes >= 2, --per-class >= 1 and --size >= 16 (got {classes}, {per_class}, {size})"
         )
-    workers = max(1, workers or os.cpu_count() or 1)
-    items = order(classes, per_class)
-    batch = max(1, min(64, len(items) // (4 * workers) or 1))
-    jobs = [(seed, size, items[i : i + batch]) for i in range(0, len(items), batch)]
-    out = Path(out)
-    names = [class_name(c) for c in range(classes)]
     recipe = {"corpus": "fractals", "seed": seed, "classes": classes, "per_class": per_class, "size": size}
+    names = [class_name(c) for c in range(classes)]
+    return write_generated(out, _encode_batch, recipe, names, workers, shard_size, progress)
+
+
+def write_generated(
+    out: str | os.PathLike,
+    encode_batch,
+    recipe: dict,
+    names: list[str],
+    workers: int | None,
+    shard_size: int,
+    progress: bool,
+) -> Path:
+    """Shards of a generated corpus: recipe["per_class"] instances of each class in `names`, made by
+    `encode_batch((seed, size, [(label, instance), ...])) -> [(key, jpeg, label, meta), ...]` in
+    `workers` processes; the recipe is recorded in index.json as its "generator"."""
+    from vit_scale.data.shards import ShardWriter  # the data area's writer, shared by every producer
+
+    workers = max(1, workers or os.cpu_count() or 1)
+    items = order(len(names), recipe["per_class"])
+    batch = max(1, min(64, len(items) // (4 * workers) or 1))
+    jobs = [(recipe["seed"], recipe["size"], items[i : i + batch]) for i in range(0, len(items), batch)]
+    out = Path(out)
     with (
         ShardWriter(
             out, shard_size=shard_size, classes=names, split="train", extra={"generator": recipe}
         ) as writer,
         _progress(progress) as bar,
     ):
-        task = bar.add_task(f"fractals {classes}x{per_class} @{size}px", total=len(items))
+        task = bar.add_task(
+            f"{recipe['corpus']} {len(names)}x{recipe['per_class']} @{recipe['size']}px", total=len(items)
+        )
         # A fork-free context: workers import only what they need and never inherit a process group.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers) if workers > 1 else _Inline() as pool:
-            for results in pool.imap(_encode_batch, jobs):
+            for results in pool.imap(encode_batch, jobs):
                 for key, data, label, meta in results:
                     writer.write(key, data, "jpg", label, meta)
                 bar.advance(task, len(results))
