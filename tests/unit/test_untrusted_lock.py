@@ -288,6 +288,30 @@ def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path):
     lock.release()
 
 
+def test_a_killed_holder_not_yet_reaped_has_ended(tmp_path):
+    """A SIGKILLed rank whose parent died first stays a zombie where the container's init does not reap
+    orphans; its pid still answers kill(pid, 0), but its lock is free."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = {"user": "bob", "host": socket.gethostname(), "pid": child.pid, "job_id": None,
+              "since": time.time(), "token": "0ld", "pid_start": Path(f"/proc/{child.pid}/stat").read_text()
+              .rsplit(")", 1)[1].split()[19]}  # fmt: skip
+    (run_dir / LOCK_NAME).write_text(json.dumps(record))
+    with pytest.raises(RunLockedError):
+        RunLock(run_dir).check_free()  # alive: held
+    child.kill()
+    deadline = time.time() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline, "the killed child never became a zombie"
+        time.sleep(0.01)
+    os.kill(child.pid, 0)  # still there for kill(pid, 0)
+    lock = RunLock(run_dir)
+    assert lock.acquire()[0].endswith(f"process {child.pid} on {socket.gethostname()} has ended")
+    lock.release()
+    child.wait()
+
+
 def test_an_unwritable_run_directory_is_one_line(tmp_path, shards):
     if os.geteuid() == 0:
         blocked = tmp_path / "file"

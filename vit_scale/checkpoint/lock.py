@@ -48,13 +48,19 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of process `pid` (clock ticks since boot), None where /proc has no entry."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None where /proc has no entry."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (clock ticks since boot), None where /proc has no entry."""
+    fields = _stat(pid)
+    return None if fields is None else fields[19]
 
 
 def writer(job_id: str | None = None) -> dict:
@@ -99,7 +105,11 @@ def _pid_alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:
         pass  # another user's live process
-    return start is None or _start_time(pid) in (None, start)
+    fields = _stat(pid)
+    if fields is not None and fields[0] in ("Z", "X"):
+        # Killed but not reaped: a container whose init does not reap orphans keeps such entries for good.
+        return False
+    return start is None or fields is None or fields[19] == start
 
 
 JobAlive = Callable[[str], "bool | None"]  # SLURM job id -> running?, None when it cannot be told
