@@ -98,18 +98,32 @@ def tail(proc: subprocess.CompletedProcess, n: int = 3000) -> str:
 
 
 def children(pid: int) -> list[int]:
+    """The direct children of `pid`, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _ended(pid: int) -> bool:
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def kill_run(proc: subprocess.Popen) -> None:
     """SIGKILL a `--nproc` run whole: the elastic agent starts each rank in a session of its own, so kill
-    every rank's process group (the rank and its data workers), then the agent's."""
+    every rank's process group (the rank and its data workers), then the agent's; return once every rank
+    has ended, so a restart finds the run directory's lock free, as a requeue would."""
     import signal
+    import time
 
-    for rank_pid in children(proc.pid):
+    ranks = children(proc.pid)
+    for rank_pid in ranks:
         try:
             os.killpg(rank_pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -119,6 +133,10 @@ def kill_run(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    deadline = time.monotonic() + 60
+    while not all(_ended(r) for r in ranks):
+        assert time.monotonic() < deadline, f"ranks {ranks} still run 60 s after SIGKILL"
+        time.sleep(0.01)
 
 
 def start_until_step(run_dir: Path, shards: Path, *overrides: str, step: int, timeout: float = 180):
