@@ -259,19 +259,8 @@ def cmd_synth(argv: list[str]) -> int:
 
         write_digits(args.out, size=args.size)
         return 0
-    if args.corpus == "glyphs":
-        glyphs.write_glyphs(
-            args.out,
-            classes=args.classes,
-            per_class=args.per_class,
-            size=args.size,
-            seed=args.seed,
-            workers=args.workers,
-            shard_size=args.shard_size,
-            progress=not args.no_progress,
-        )
-        return 0
-    synth.write_fractals(
+    write = glyphs.write_glyphs if args.corpus == "glyphs" else synth.write_fractals
+    write(
         args.out,
         classes=args.classes,
         per_class=args.per_class,
